@@ -1,0 +1,42 @@
+# The two commands a new user types: `make run` and `make test`. Both create (or reuse) a virtualenv and install
+# torch==2.13.0 before anything else, so no multi-GB CUDA build of torch is pulled on a CPU machine.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: install run test test-slow lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q torch==2.13.0
+	# DeepSpeed ships as an sdist whose setup.py imports torch: build it against the torch above instead of an
+	# isolated build environment (which would download a CUDA torch), and compile its ops lazily on first use.
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/gptline run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+# Fault injection and longer end-to-end runs (CI runs these too).
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests collected"; exit 0; fi; exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) store .pytest_cache .ruff_cache

@@ -1,0 +1,514 @@
+"""The artifact store: versioned, atomically committed, checksum-verified stage outputs.
+
+Layout under the store root (a local directory, or any `pyarrow.fs` URI such as s3://, gs://, hdfs://):
+
+    <root>/<stage>/<version>.partial/   work in progress; a training stage keeps its checkpoints here
+    <root>/<stage>/<version>/           a committed artifact: outputs plus manifest.json, written last
+    <root>/<stage>/<version>.lock       lease held by the one process building that version
+    <root>/runs/<run_id>/               run records (see pipeline.runner)
+
+An artifact's version is a short hash of (stage name, stage VERSION, the stage's resolved config subtree, input
+versions) and nothing else, so resources, cluster addresses and other stages' settings never change it.
+
+Commit is atomic. On a local (or NFS) filesystem the manifest is written into the partial directory and the
+directory renamed into place. Object stores have no directory rename, so there the files are copied to the final
+prefix and the manifest is written last: on every filesystem "committed" means "has a manifest", and a reader
+never sees a directory without one as an artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipeline.errors import CorruptArtifactError, StoreError
+
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+LOCK = ".lock"
+RUNS_DIR = "runs"
+VERSION_CHARS = 12
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+VERSION_RE = re.compile(r"^[0-9a-f]{%d}$" % VERSION_CHARS)
+HASH_CHUNK = 1 << 20
+
+
+def check_name(kind: str, name: str) -> str:
+    """Names become path components: only [a-z0-9_] so none can climb out of the store root."""
+    if not NAME_RE.match(name):
+        raise StoreError(f"invalid {kind} name {name!r}: use lowercase letters, digits and '_' only")
+    return name
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def artifact_version(stage: str, stage_version: int, config: Any, inputs: dict[str, str]) -> str:
+    """Short hash of exactly what determines a stage's output."""
+    payload = {"stage": stage, "stage_version": stage_version, "config": config, "inputs": inputs}
+    try:
+        blob = canonical_json(payload)
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"config of stage {stage!r} is not plain JSON data: {e}") from e
+    return hashlib.sha256(blob.encode()).hexdigest()[:VERSION_CHARS]
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def code_revision() -> str:
+    """The git commit of the code that built an artifact (provenance only, never part of its version)."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the root path inside it, for a local path or any URI pyarrow understands."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowException, ValueError, OSError) as e:
+        scheme = uri.split("://", 1)[0]
+        raise StoreError(f"cannot open store {uri!r} (scheme {scheme!r}): {e}") from e
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A committed artifact: where it is and what its manifest says."""
+
+    stage: str
+    version: str
+    path: str  # inside the store's filesystem
+    manifest: dict[str, Any]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.stage}/{self.version}"
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        return self.manifest.get("inputs", {})
+
+
+def _file_listing(local_dir: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for path in sorted(local_dir.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            rel = path.relative_to(local_dir).as_posix()
+            files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return files
+
+
+class Store:
+    """Artifacts and run records under one root on one pyarrow filesystem."""
+
+    def __init__(self, root: str, filesystem: pafs.FileSystem | None = None):
+        if filesystem is None:
+            self.fs, self.root = open_filesystem(root)
+        else:
+            self.fs, self.root = filesystem, root.rstrip("/")
+        self.uri = root if "://" in root or filesystem is not None else self.root
+        # Only a real local filesystem gets the rename commit and the lease-file lock; everything else is
+        # treated as an object store.
+        self.is_local = type(self.fs) is pafs.LocalFileSystem
+
+    # ---- paths -------------------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def artifact_path(self, stage: str, version: str) -> str:
+        return self.path(check_name("stage", stage), version)
+
+    def partial_path(self, stage: str, version: str) -> str:
+        return self.artifact_path(stage, version) + PARTIAL
+
+    def _info(self, path: str) -> pafs.FileInfo:
+        return self.fs.get_file_info(path)
+
+    def exists(self, path: str) -> bool:
+        return self._info(path).type != pafs.FileType.NotFound
+
+    def check_writable(self) -> None:
+        """Fail at start-up, not after an hour of training, when the store cannot be written."""
+        probe = self.path(f".write-probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            self.fs.delete_file(probe)
+        except (OSError, pa.ArrowException) as e:
+            raise StoreError(f"store root {self.uri!r} is not writable: {e}") from e
+
+    # ---- small JSON and text files (manifests, run records) ---------------------------------------------
+    def read_json(self, path: str) -> Any:
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Whole-file replace: readers see the old or the new content, never a torn one."""
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if self.is_local:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:  # object stores make a PUT visible atomically
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+
+    def list_dir(self, path: str) -> list[pafs.FileInfo]:
+        if not self.exists(path):
+            return []
+        return self.fs.get_file_info(pafs.FileSelector(path, recursive=False))
+
+    # ---- reading artifacts ---------------------------------------------------------------------------------
+    def is_committed(self, stage: str, version: str) -> bool:
+        return self.exists(self.artifact_path(stage, version) + "/" + MANIFEST)
+
+    def has_partial(self, stage: str, version: str) -> bool:
+        return self.exists(self.partial_path(stage, version))
+
+    def load(self, stage: str, version: str, verify: str = "size") -> Artifact:
+        """A committed artifact, checked against its manifest ('size', 'full' sha256, or 'none')."""
+        path = self.artifact_path(stage, version)
+        manifest_path = path + "/" + MANIFEST
+        if not self.exists(manifest_path):
+            raise StoreError(f"artifact {stage}/{version} is not committed in {self.uri}")
+        try:
+            manifest = self.read_json(manifest_path)
+        except (ValueError, OSError) as e:
+            raise CorruptArtifactError(f"unreadable manifest {manifest_path}: {e}") from e
+        artifact = Artifact(stage, version, path, manifest)
+        if verify != "none":
+            self.verify(artifact, full=verify == "full")
+        return artifact
+
+    def verify(self, artifact: Artifact, full: bool) -> None:
+        for rel, expected in artifact.manifest.get("files", {}).items():
+            path = f"{artifact.path}/{rel}"
+            info = self._info(path)
+            if info.type == pafs.FileType.NotFound:
+                raise CorruptArtifactError(f"{path}: missing (listed in the manifest of {artifact.ref})")
+            if info.size != expected["size"]:
+                raise CorruptArtifactError(
+                    f"{path}: size {info.size} bytes, manifest of {artifact.ref} says {expected['size']}"
+                )
+            if full and self._sha256(path) != expected["sha256"]:
+                raise CorruptArtifactError(
+                    f"{path}: sha256 does not match the manifest of {artifact.ref} (the file is corrupted)"
+                )
+
+    def _sha256(self, path: str) -> str:
+        if self.is_local:
+            return sha256_file(path)
+        digest = hashlib.sha256()
+        with self.fs.open_input_stream(path) as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def stages(self) -> list[str]:
+        return sorted(
+            i.base_name
+            for i in self.list_dir(self.root)
+            if i.type == pafs.FileType.Directory and NAME_RE.match(i.base_name) and i.base_name != RUNS_DIR
+        )
+
+    def list(self, stage: str | None = None) -> list[Artifact]:
+        """Every committed artifact (of one stage, or all), oldest first."""
+        found = []
+        for name in [stage] if stage else self.stages():
+            for info in self.list_dir(self.path(name)):
+                if info.type == pafs.FileType.Directory and VERSION_RE.match(info.base_name):
+                    if self.is_committed(name, info.base_name):
+                        found.append(self.load(name, info.base_name, verify="none"))
+        return sorted(found, key=lambda a: (a.manifest.get("timings", {}).get("end", 0), a.ref))
+
+    def uncommitted(self) -> list[str]:
+        """Paths of partial directories and of final directories left without a manifest (torn commits)."""
+        paths = []
+        for name in self.stages():
+            for info in self.list_dir(self.path(name)):
+                if info.type != pafs.FileType.Directory:
+                    continue
+                if info.base_name.endswith(PARTIAL) or (
+                    VERSION_RE.match(info.base_name) and not self.is_committed(name, info.base_name)
+                ):
+                    paths.append(info.path)
+        return paths
+
+    def find(self, ref: str) -> Artifact:
+        """Resolve 'stage/version' or 'stage/version-prefix' (or a unique version prefix alone)."""
+        stage, _, prefix = ref.rpartition("/")
+        candidates = [a for a in self.list(stage or None) if a.version.startswith(prefix)]
+        if not candidates:
+            raise StoreError(f"no committed artifact matches {ref!r} in {self.uri}")
+        if len(candidates) > 1:
+            names = ", ".join(a.ref for a in candidates)
+            raise StoreError(f"{ref!r} is ambiguous: {names}")
+        return candidates[0]
+
+    def lineage(self, stage: str, version: str) -> dict[str, Any]:
+        """The tree of inputs an artifact was built from, down to the sources."""
+        if not self.is_committed(stage, version):
+            return {"ref": f"{stage}/{version}", "missing": True, "inputs": []}
+        artifact = self.load(stage, version, verify="none")
+        return {
+            "ref": artifact.ref,
+            "inputs": [self.lineage(s, v) for s, v in sorted(artifact.inputs.items())],
+        }
+
+    def delete(self, path: str) -> None:
+        info = self._info(path)
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(path)
+
+    # ---- building artifacts --------------------------------------------------------------------------------
+    def open_workdir(self, stage: str, version: str, scratch: Path) -> tuple[Path, bool]:
+        """The local directory a stage writes into, and whether it holds earlier partial work to resume.
+
+        Local stores hand out the partial directory itself. For object stores the partial work is mirrored
+        into `scratch` (checkpoints there are uploaded by `save_partial`).
+        """
+        if self.is_local:
+            workdir = Path(self.partial_path(stage, version))
+            resumed = workdir.is_dir() and any(workdir.iterdir())
+            workdir.mkdir(parents=True, exist_ok=True)
+            return workdir, resumed
+        workdir = scratch / stage / (version + PARTIAL)
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True)
+        resumed = self.has_partial(stage, version)
+        if resumed:
+            pafs.copy_files(self.partial_path(stage, version), str(workdir), source_filesystem=self.fs)
+        return workdir, resumed
+
+    def save_partial(self, stage: str, version: str, workdir: Path) -> None:
+        """Object stores: upload a stage's partial work so another node can resume it. Local: nothing to do."""
+        if not self.is_local:
+            pafs.copy_files(str(workdir), self.partial_path(stage, version), destination_filesystem=self.fs)
+
+    def localize(self, artifact: Artifact, scratch: Path) -> Path:
+        """A local directory holding the artifact's files (the artifact itself on a local store)."""
+        if self.is_local:
+            return Path(artifact.path)
+        local = scratch / "inputs" / artifact.stage / artifact.version
+        if not (local / MANIFEST).exists():
+            tmp = local.with_name(local.name + f".tmp-{uuid.uuid4().hex}")
+            pafs.copy_files(artifact.path, str(tmp), source_filesystem=self.fs)
+            if local.exists():
+                shutil.rmtree(local)
+            tmp.rename(local)
+        return local
+
+    def commit(self, stage: str, version: str, workdir: Path, manifest: dict[str, Any]) -> Artifact:
+        """Checksum every output, write the manifest last, and make the artifact visible atomically."""
+        from pipeline.faults import fault_point
+
+        manifest = {
+            **manifest,
+            "stage": stage,
+            "version": version,
+            "files": _file_listing(workdir),
+            "code_revision": code_revision(),
+            "host": socket.gethostname(),
+        }
+        final = self.artifact_path(stage, version)
+        if self.is_committed(stage, version):
+            raise StoreError(f"{stage}/{version} is already committed; refusing to overwrite it")
+        if self.exists(final):  # a torn commit from an earlier crash (object stores only)
+            self.fs.delete_dir(final)
+        fault_point(f"commit.{stage}.before_manifest")
+        if self.is_local:
+            self.write_json(str(workdir / MANIFEST), manifest)
+            fault_point(f"commit.{stage}.before_rename")
+            os.rename(workdir, final)
+            _fsync_dir(Path(final).parent)
+        else:
+            for rel in manifest["files"]:
+                self.fs.create_dir(f"{final}/{rel}".rsplit("/", 1)[0], recursive=True)
+                pafs.copy_files(str(workdir / rel), f"{final}/{rel}", destination_filesystem=self.fs)
+            fault_point(f"commit.{stage}.before_rename")
+            self.write_json(f"{final}/{MANIFEST}", manifest)
+            if self.has_partial(stage, version):
+                self.fs.delete_dir(self.partial_path(stage, version))
+        return Artifact(stage, version, final, manifest)
+
+    # ---- one builder per artifact ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, stage: str, version: str, ttl_s: float, heartbeat_s: float) -> Iterator[None]:
+        """Hold the build lease of one artifact version; waits while another live process holds it."""
+        if not self.is_local:
+            raise StoreError(
+                f"store {self.uri!r}: lease-file locks need a local or NFS filesystem; the runner uses its "
+                "Ray lock table for object stores"
+            )
+        lease = LeaseFile(Path(self.artifact_path(stage, version) + LOCK), ttl_s, heartbeat_s)
+        lease.acquire()
+        try:
+            yield
+        finally:
+            lease.release()
+
+    def live_locks(self) -> set[str]:
+        """Artifact paths (without the .lock suffix) whose lease is currently held by a live process."""
+        held: set[str] = set()
+        if not self.is_local:
+            return held
+        for name in self.stages():
+            for info in self.list_dir(self.path(name)):
+                if info.base_name.endswith(LOCK):
+                    lease = LeaseFile(Path(info.path), ttl_s=float("inf"), heartbeat_s=1)
+                    if not lease.is_stale(lease.read()):
+                        held.add(info.path[: -len(LOCK)])
+        return held
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LeaseFile:
+    """An exclusive lease: a file created with O_EXCL, kept fresh by a heartbeat thread.
+
+    A lease is stale when its heartbeat is older than the TTL, or at once when its holder was a process on this
+    host that no longer exists (a crashed stage must not make `resume` wait a whole TTL). A stale lease is broken
+    by renaming it away, which only one contender can do.
+    """
+
+    POLL_S = 0.2
+
+    def __init__(self, path: Path, ttl_s: float, heartbeat_s: float):
+        self.path, self.ttl_s, self.heartbeat_s = path, ttl_s, heartbeat_s
+        self.owner = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+        return json.dumps(record).encode()
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # being written right now: treat as fresh
+            return {"heartbeat": time.time()}
+
+    def is_stale(self, record: dict[str, Any] | None) -> bool:
+        if record is None:
+            return True
+        if record.get("host") == socket.gethostname() and "pid" in record and not _pid_alive(record["pid"]):
+            return True
+        return time.time() - record.get("heartbeat", 0) > self.ttl_s
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                record = self.read()
+                if self.is_stale(record):
+                    self._break(record)
+                    continue
+                time.sleep(self.POLL_S)
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._record())
+            break
+        self._thread = threading.Thread(target=self._beat, name=f"lease {self.path.name}", daemon=True)
+        self._thread.start()
+
+    def _break(self, stale: dict[str, Any] | None) -> None:
+        aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        moved = json.loads(aside.read_text() or "{}")
+        if stale is not None and moved.get("owner") != stale.get("owner"):
+            # Between our read and the rename another process broke the stale lease and took a fresh one:
+            # give it back (link fails if yet another lease already exists, which is then the live one).
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        os.remove(aside)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            record = self.read()
+            if record is None or record.get("owner") != self.owner:
+                return  # lost the lease (it was judged stale); the commit's rename still guards the artifact
+            tmp = self.path.with_name(f"{self.path.name}.beat-{self.owner}")
+            tmp.write_bytes(self._record())
+            os.replace(tmp, self.path)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        record = self.read()
+        if record is not None and record.get("owner") == self.owner:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)

@@ -1,0 +1,279 @@
+"""The `gptline` command (also `python -m pipeline`).
+
+    gptline run [OVERRIDE ...] [-m] [--dry-run] [--until STAGE ...] [--only STAGE ...]
+    gptline resume RUN_ID
+    gptline status [RUN_ID]
+    gptline ls [STAGE]
+    gptline show STAGE/VERSION [--verify]
+    gptline gc [--dry-run]
+
+Overrides are Hydra's (`pretrain.lr=3e-4`, `cluster=remote`, `-m ppo.lr=1e-6,3e-6`). User errors print one line
+and exit 2; `--debug` shows the traceback. A run that finishes with a failed stage exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+
+from pipeline.artifacts import Store
+from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config
+from pipeline.dag import DAG, load_registry
+from pipeline.errors import ConfigError, GptlineError
+from pipeline.runner import RunRecord, Runner, list_runs, new_run_id
+
+DEFAULT_REGISTRY = "stages:REGISTRY"
+
+
+def _default_store() -> str:
+    return os.environ.get("GPTLINE_STORE", "store")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Hydra's basic sweeper semantics: `a=1,2 b=x,y` gives the 4 points of the cartesian product."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(" ".join(str(e).split())) from e
+    return [point for batch in BasicSweeper.split_arguments(parsed, None) for point in batch]
+
+
+def _start_run(args: argparse.Namespace, specs: list, dag: DAG, overrides: list[str]) -> tuple[str, bool]:
+    config = compose_config(specs, overrides, Path(args.config_dir))
+    store = Store(config["store"]["root"])
+    selection = dag.select(args.until or (), args.only or ())
+    run_id = new_run_id()
+    if not args.dry_run:
+        store.check_writable()
+    runner = Runner(dag, config, store, selection, run_id)
+    plans = runner.plan()
+    print(f"plan for run {run_id} (store {store.uri}):")
+    print(_table([[p.stage, p.version, p.action] for p in plans], ["stage", "version", "action"]))
+    if args.dry_run:
+        return run_id, True
+    runner.record.write_config(config)
+    runner.record.write_meta(
+        {
+            "run_id": run_id,
+            "status": "pending",
+            "created": time.time(),
+            "registry": args.registry,
+            "overrides": overrides,
+            "selection": selection,
+            "nodes": [[p.stage, p.version] for p in plans],  # a list: JSON objects lose order
+            "argv": sys.argv[1:],
+        }
+    )
+    return run_id, runner.execute(plans)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    specs = load_registry(args.registry)
+    dag = DAG(specs)
+    if not dag.order:
+        print(f"no stages are registered in {args.registry} yet: there is nothing to run.")
+        return 0
+    points = expand_sweep(args.overrides) if args.multirun else [args.overrides]
+    outcomes = []
+    for i, overrides in enumerate(points):
+        if args.multirun:
+            print(f"\n== sweep point {i}: {' '.join(overrides) or '(defaults)'}")
+        run_id, ok = _start_run(args, specs, dag, overrides)
+        outcomes.append((i, overrides, run_id, ok))
+    if args.multirun and not args.dry_run:
+        rows = [[str(i), " ".join(o), r, "done" if ok else "failed"] for i, o, r, ok in outcomes]
+        print("\n" + _table(rows, ["point", "overrides", "run", "status"]))
+    return 0 if all(ok for *_, ok in outcomes) else 1
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    record = RunRecord(store, args.run_id, Path("."))
+    meta = record.meta()
+    specs = load_registry(meta["registry"])
+    dag = DAG(specs)
+    config = load_config(specs, record.config())
+    runner = Runner(dag, config, store, meta["selection"], args.run_id)
+    plans = runner.plan()
+    print(f"resuming run {args.run_id}:")
+    print(_table([[p.stage, p.version, p.action] for p in plans], ["stage", "version", "action"]))
+    return 0 if runner.execute(plans) else 1
+
+
+def _duration(node: dict[str, Any]) -> str:
+    return f"{node['seconds']:.1f} s" if node.get("seconds") else ""
+
+
+def _metrics(node: dict[str, Any], limit: int = 3) -> str:
+    items = [(k, v) for k, v in (node.get("metrics") or {}).items() if isinstance(v, int | float)]
+    return " ".join(f"{k}={v:.4g}" for k, v in items[:limit])
+
+
+def _driver_gone(meta: dict[str, Any]) -> bool:
+    if meta.get("status") != "running" or meta.get("driver_host") != socket.gethostname():
+        return False
+    try:
+        os.kill(meta["driver_pid"], 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError):
+        return False
+    return False
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    runs = list_runs(store)
+    if not runs:
+        print(f"no runs in {store.uri}")
+        return 0
+    run_id = args.run_id or runs[-1]
+    record = RunRecord(store, run_id, Path("."))
+    meta = record.meta()
+    status = meta.get("status", "?")
+    if _driver_gone(meta):
+        status += " (driver gone: `gptline resume " + run_id + "` continues it)"
+    print(f"run {run_id}: {status}")
+    rows = []
+    for stage, version in meta.get("nodes", []):
+        node = record.node(stage)
+        state = node.get("state", "pending")
+        if node.get("error"):
+            state += f": {node['error']}"
+        rows.append([stage, version, state, _duration(node), _metrics(node)])
+    print(_table(rows, ["stage", "version", "state", "duration", "metrics"]))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    rows = []
+    for a in store.list(args.stage):
+        files = a.manifest.get("files", {})
+        size = sum(f["size"] for f in files.values())
+        end = a.manifest.get("timings", {}).get("end")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(end)) if end else ""
+        rows.append([a.stage, a.version, when, str(len(files)), f"{size / 1e6:.2f} MB", a.manifest.get("run_id", "")])
+    print(_table(rows, ["stage", "version", "built", "files", "size", "run"]) if rows else f"no artifacts in {store.uri}")
+    return 0
+
+
+def _print_lineage(node: dict[str, Any], depth: int = 0) -> None:
+    print("  " * depth + ("└─ " if depth else "") + node["ref"] + ("  (missing)" if node.get("missing") else ""))
+    for child in node["inputs"]:
+        _print_lineage(child, depth + 1)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    artifact = store.find(args.ref)
+    if args.verify:
+        store.verify(artifact, full=True)
+        print(f"verified: every file of {artifact.ref} matches its sha256")
+    print(json.dumps(artifact.manifest, indent=2, sort_keys=True))
+    print("\nlineage:")
+    _print_lineage(store.lineage(artifact.stage, artifact.version))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove partial directories nobody is building and artifacts no run record refers to (with inputs)."""
+    store = Store(args.store)
+    keep: set[str] = set()
+    for run_id in list_runs(store):
+        nodes = RunRecord(store, run_id, Path(".")).meta().get("nodes", [])
+        stack = [f"{s}/{v}" for s, v in nodes]
+        while stack:
+            ref = stack.pop()
+            if ref in keep:
+                continue
+            keep.add(ref)
+            stage, version = ref.split("/")
+            if store.is_committed(stage, version):
+                stack += [f"{s}/{v}" for s, v in store.load(stage, version, verify="none").inputs.items()]
+    locked = store.live_locks()
+    doomed = [p for p in store.uncommitted() if p.removesuffix(".partial") not in locked]
+    doomed += [a.path for a in store.list() if a.ref not in keep]
+    for path in doomed:
+        print(("would remove " if args.dry_run else "removing ") + path)
+        if not args.dry_run:
+            store.delete(path)
+    if not doomed:
+        print("nothing to collect")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks")
+    store_opt = argparse.ArgumentParser(add_help=False)
+    store_opt.add_argument("--store", default=_default_store(), help="store root (default: $GPTLINE_STORE or ./store)")
+
+    parser = argparse.ArgumentParser(prog="gptline", description=__doc__.split("\n\n")[0], parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", parents=[common], help="compose the config and run the pipeline")
+    run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pretrain.lr=3e-4")
+    run.add_argument("-m", "--multirun", action="store_true", help="sweep: one run per override combination")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and start nothing")
+    run.add_argument("--until", nargs="+", metavar="STAGE", help="run these stages and what they need")
+    run.add_argument("--only", nargs="+", metavar="STAGE", help="run only these (their inputs must be committed)")
+    run.add_argument("--registry", default=os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY))
+    run.add_argument("--config-dir", default=str(DEFAULT_CONFIG_DIR))
+    run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser("resume", parents=[common, store_opt], help="continue a failed or interrupted run")
+    resume.add_argument("run_id")
+    resume.set_defaults(func=cmd_resume)
+
+    status = sub.add_parser("status", parents=[common, store_opt], help="a run's stages and their states")
+    status.add_argument("run_id", nargs="?")
+    status.set_defaults(func=cmd_status)
+
+    ls = sub.add_parser("ls", parents=[common, store_opt], help="list committed artifacts")
+    ls.add_argument("stage", nargs="?")
+    ls.set_defaults(func=cmd_ls)
+
+    show = sub.add_parser("show", parents=[common, store_opt], help="an artifact's manifest and lineage")
+    show.add_argument("ref", help="STAGE/VERSION (a unique version prefix is enough)")
+    show.add_argument("--verify", action="store_true", help="check every file's sha256")
+    show.set_defaults(func=cmd_show)
+
+    gc = sub.add_parser("gc", parents=[common, store_opt], help="remove partial and unreferenced artifacts")
+    gc.add_argument("--dry-run", action="store_true")
+    gc.set_defaults(func=cmd_gc)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GptlineError as e:
+        if args.debug:
+            raise
+        print(f"gptline: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptline: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

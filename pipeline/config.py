@@ -1,0 +1,197 @@
+"""Config: Hydra composition checked against structured configs, before any work starts.
+
+The schema is one dataclass per group: the pipeline's own (`store`, `run`, `cluster`, `tracking`) plus one per
+registered stage under its config key. It is registered in Hydra's ConfigStore as `gptline_schema` and named first
+in `conf/config.yaml`'s defaults, so every YAML file and every override is merged onto typed nodes: an unknown key
+or a wrong type fails during composition. Ranges are checked afterwards by each dataclass's `validate()`, which
+returns (field, problem) pairs; errors always carry the key's full dotted name, and an unknown key comes with the
+closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.dag import StageResources, StageSpec
+from pipeline.errors import ConfigError
+
+SCHEMA_NAME = "gptline_schema"
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+VERIFY_MODES = ("none", "size", "full")
+TRACKING_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class StoreConfig:
+    root: str = "store"  # a local directory or any pyarrow.fs URI (s3://, gs://, hdfs://)
+    verify: str = "full"  # how a stage's inputs are checked before it reads them: none, size or full sha256
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.verify not in VERIFY_MODES:
+            return [("verify", f"must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")]
+        return [] if self.root else [("root", "must not be empty")]
+
+
+@dataclass
+class RunConfig:
+    max_retries: int = 2  # Ray retries of a failed stage task; each retry resumes from the stage's partial work
+    lock_ttl_s: float = 120.0  # a build lease not refreshed for this long is taken over
+    lock_heartbeat_s: float = 10.0
+    scratch_dir: str = "~/.cache/gptline/scratch"  # local copies when the store is not a local filesystem
+    quiet: bool = False
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.max_retries < 0:
+            problems.append(("max_retries", f"must be >= 0, got {self.max_retries}"))
+        if self.lock_heartbeat_s <= 0:
+            problems.append(("lock_heartbeat_s", f"must be > 0, got {self.lock_heartbeat_s}"))
+        if self.lock_ttl_s <= 2 * self.lock_heartbeat_s:
+            problems.append(("lock_ttl_s", f"must exceed twice lock_heartbeat_s, got {self.lock_ttl_s}"))
+        return problems
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    address: Optional[str] = None  # None: start an embedded Ray; else "ray://host:10001", "auto", "host:6379"
+    namespace: str = "gptline"
+    num_cpus: Optional[int] = None  # embedded Ray only; None uses every core
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, StageResources] = field(default_factory=dict)  # per stage name, over the spec's
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.num_cpus is not None and self.num_cpus < 1:
+            problems.append(("num_cpus", f"must be >= 1, got {self.num_cpus}"))
+        for stage, res in self.resources.items():
+            problems += [(f"resources.{stage}.{key}", msg) for key, msg in res.validate()]
+        return problems
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "offline"  # offline (default: nothing leaves the machine), online, disabled
+    project: str = "gptline"
+    entity: Optional[str] = None
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.mode not in TRACKING_MODES:
+            return [("mode", f"must be one of {', '.join(TRACKING_MODES)}, got {self.mode!r}")]
+        return []
+
+
+PIPELINE_GROUPS: dict[str, type] = {
+    "store": StoreConfig,
+    "run": RunConfig,
+    "cluster": ClusterConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def _default_resources(specs: list[StageSpec]) -> dict[str, StageResources]:
+    return {spec.name: dataclasses.replace(spec.resources) for spec in specs}
+
+
+def build_schema(specs: list[StageSpec]) -> type:
+    """The root structured config: pipeline groups plus each stage's config class under its key."""
+    # Every stage's resources are in the tree from the start, so `cluster.resources.<stage>.num_workers=8`
+    # overrides a default rather than needing Hydra's `+` to add a key.
+    cluster = dataclasses.make_dataclass(
+        "ClusterConfig",
+        [("resources", dict[str, StageResources], field(default_factory=lambda: _default_resources(specs)))],
+        bases=(ClusterConfig,),
+    )
+    fields: dict[str, type] = {**PIPELINE_GROUPS, "cluster": cluster}
+    for spec in specs:
+        if spec.key in fields and fields[spec.key] is not spec.config_class:
+            raise ConfigError(f"config key {spec.key!r} of stage {spec.name!r} is already taken")
+        fields[spec.key] = spec.config_class
+    return dataclasses.make_dataclass(
+        "GptlineConfig", [(name, cls, field(default_factory=cls)) for name, cls in fields.items()]
+    )
+
+
+def _suggest(schema: type, full_key: str) -> str:
+    parent, _, leaf = full_key.rpartition(".")
+    node: Any = OmegaConf.structured(schema)
+    if parent:
+        node = OmegaConf.select(node, parent, default=None)
+    if not isinstance(node, DictConfig):
+        return ""
+    close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1, cutoff=0.6)
+    return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+
+
+def _explain(error: BaseException, schema: type) -> ConfigError:
+    """Turn Hydra/OmegaConf exceptions into one line naming the full key."""
+    cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        full_key = str(cause.full_key)
+        first_line = str(cause).splitlines()[0]
+        if "not in" in first_line or "is not in struct" in first_line:
+            return ConfigError(f"unknown config key '{full_key}'{_suggest(schema, full_key)}")
+        return ConfigError(f"invalid value for config key '{full_key}': {first_line}")
+    match = re.search(r"Could not override '([^']+)'", str(error))
+    if match:
+        return ConfigError(f"unknown config key '{match.group(1)}'{_suggest(schema, match.group(1))}")
+    message = str(error).split("Config search path")[0]  # Hydra appends its search path: noise here
+    return ConfigError(" ".join(message.split()))
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Run `validate()` on every dataclass in the tree and report the first problem by its full key."""
+    if not dataclasses.is_dataclass(cfg):
+        return
+    if hasattr(cfg, "validate"):
+        problems = cfg.validate()
+        if problems:
+            key, message = problems[0]
+            raise ConfigError(f"invalid value for config key '{prefix}{key}': {message}")
+    for f in dataclasses.fields(cfg):
+        validate(getattr(cfg, f.name), f"{prefix}{f.name}.")
+
+
+def compose_config(
+    specs: list[StageSpec], overrides: list[str], config_dir: Path = DEFAULT_CONFIG_DIR
+) -> dict[str, Any]:
+    """Compose conf/config.yaml with overrides, validate it, and return the resolved plain-data tree."""
+    schema = build_schema(specs)
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=schema)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise _explain(e, schema) from e
+    finally:
+        GlobalHydra.instance().clear()
+    return load_config(specs, OmegaConf.to_container(cfg, resolve=True))
+
+
+def load_config(specs: list[StageSpec], data: dict[str, Any]) -> dict[str, Any]:
+    """Check a resolved config tree (freshly composed, or read back from a run record) against the schema."""
+    schema = build_schema(specs)
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(schema), data)
+        validate(OmegaConf.to_object(typed))
+        return OmegaConf.to_container(typed, resolve=True)
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema) from e
+
+
+def typed(config_class: type, data: Any) -> Any:
+    """The typed config object a stage receives."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config_class), data))

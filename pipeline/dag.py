@@ -1,0 +1,178 @@
+"""Stages and the graph they form.
+
+A stage is declared by a `StageSpec`: its name, the stages whose artifacts it consumes, the config key of its
+subtree, its VERSION, the plain function that does the work, and the resources it asks for. Which stages exist is
+a registry, a list of specs named as "module:attribute" (`stages:REGISTRY` for the recipe), so this module knows
+nothing about what the stages compute.
+
+A stage function has the signature `run(cfg, inputs, out_dir, ctx) -> metrics`: `cfg` is its typed config object,
+`inputs` maps each input stage name to the local directory of that input's committed artifact, `out_dir` is the
+directory it writes into (it may already hold its own earlier partial work: `ctx.resumed` says so), and the
+returned dict of numbers goes into the manifest.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import NAME_RE, RUNS_DIR, artifact_version
+from pipeline.errors import DagError
+
+
+@dataclass
+class StageResources:
+    """What a stage asks the scheduler for. Never part of an artifact's version.
+
+    A stage that starts its own group of workers (a Ray Train trainer, a pool of shard tasks) sizes it with
+    `num_workers` x (`cpus_per_worker`, `gpus_per_worker`) and its own task reserves nothing, so that on a small
+    machine the waiting task does not hold the cores its workers need.
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        for key in ("num_cpus", "num_gpus", "cpus_per_worker", "gpus_per_worker"):
+            if getattr(self, key) < 0:
+                problems.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        if self.num_workers < 1:
+            problems.append(("num_workers", f"must be >= 1, got {self.num_workers}"))
+        return problems
+
+
+@dataclass
+class StageContext:
+    """What a running stage may know about its execution besides its config, inputs and output directory."""
+
+    stage: str
+    version: str = "standalone"
+    run_id: str = "standalone"
+    resumed: bool = False
+    resources: StageResources = field(default_factory=StageResources)
+    quiet: bool = False
+    log: Callable[[Mapping[str, Any], int | None], None] = lambda metrics, step=None: None
+    save_partial: Callable[[], None] = lambda: None
+
+
+StageFn = Callable[[Any, dict[str, Path], Path, StageContext], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    run: StageFn
+    config_class: type
+    inputs: tuple[str, ...] = ()
+    config_key: str = ""  # defaults to the stage name
+    version: int = 1
+    resources: StageResources = field(default_factory=StageResources)
+    starts_workers: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.config_key or self.name
+
+
+def load_registry(ref: str) -> list[StageSpec]:
+    """Import 'package.module:ATTRIBUTE', a list of StageSpec."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise DagError(f"registry {ref!r} must look like 'module:ATTRIBUTE'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise DagError(f"cannot import stage registry module {module_name!r}: {e}") from e
+    try:
+        specs = getattr(module, attr)
+    except AttributeError as e:
+        raise DagError(f"module {module_name!r} has no stage registry {attr!r}") from e
+    return list(specs)
+
+
+class DAG:
+    """The validated stage graph, in topological order (ties broken by registration order)."""
+
+    def __init__(self, specs: Iterable[StageSpec]):
+        self.specs: dict[str, StageSpec] = {}
+        for spec in specs:
+            if not NAME_RE.match(spec.name) or spec.name == RUNS_DIR:
+                raise DagError(f"invalid stage name {spec.name!r}: lowercase letters, digits, '_'; not 'runs'")
+            if spec.name in self.specs:
+                raise DagError(f"stage {spec.name!r} is registered twice")
+            self.specs[spec.name] = spec
+        for spec in self.specs.values():
+            for name in spec.inputs:
+                if name not in self.specs:
+                    raise DagError(f"stage {spec.name!r} takes input {name!r}, which is not a registered stage")
+        self.order = self._toposort()
+
+    def _toposort(self) -> list[str]:
+        order: list[str] = []
+        state: dict[str, str] = {}
+
+        def visit(name: str, path: list[str]) -> None:
+            if state.get(name) == "done":
+                return
+            if state.get(name) == "visiting":
+                cycle = [*path[path.index(name) :], name]
+                raise DagError("the stage graph has a cycle: " + " -> ".join(cycle))
+            state[name] = "visiting"
+            for dep in self.specs[name].inputs:
+                visit(dep, [*path, name])
+            state[name] = "done"
+            order.append(name)
+
+        for name in self.specs:
+            visit(name, [])
+        return order
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.specs
+
+    def check_known(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name not in self.specs:
+                known = ", ".join(self.order) or "(none registered)"
+                raise DagError(f"unknown stage {name!r}; known stages: {known}")
+
+    def ancestors(self, name: str) -> set[str]:
+        found: set[str] = set()
+        stack = list(self.specs[name].inputs)
+        while stack:
+            dep = stack.pop()
+            if dep not in found:
+                found.add(dep)
+                stack.extend(self.specs[dep].inputs)
+        return found
+
+    def select(self, until: Iterable[str] = (), only: Iterable[str] = ()) -> list[str]:
+        """The stages to execute, in order: everything; or the named stages plus what they need (`until`);
+        or exactly the named stages (`only`), whose inputs must then already be committed."""
+        until, only = list(until), list(only)
+        self.check_known(until + only)
+        if until and only:
+            raise DagError("choose either --until or --only, not both")
+        if only:
+            chosen = set(only)
+        elif until:
+            chosen = set(until).union(*(self.ancestors(n) for n in until))
+        else:
+            chosen = set(self.order)
+        return [name for name in self.order if name in chosen]
+
+    def versions(self, configs: Mapping[str, Any]) -> dict[str, str]:
+        """Every stage's artifact version, from the resolved config subtrees keyed by config key."""
+        versions: dict[str, str] = {}
+        for name in self.order:
+            spec = self.specs[name]
+            inputs = {dep: versions[dep] for dep in spec.inputs}
+            versions[name] = artifact_version(name, spec.version, configs.get(spec.key), inputs)
+        return versions

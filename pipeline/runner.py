@@ -1,0 +1,461 @@
+"""Runs a selection of the DAG on Ray, reusing committed artifacts and resuming partial ones.
+
+Each stage to build becomes one Ray task whose arguments are the results of its upstream tasks, so Ray sees the
+whole graph and runs independent stages concurrently. Inside the task (`build_node`):
+
+1. take the artifact's build lease, so two runs needing the same version build it once (the other waits, then
+   finds it committed and reuses it);
+2. verify and localize the inputs, open the stage's work directory (`<version>.partial/`, possibly holding earlier
+   partial work: the stage resumes from it);
+3. call the stage function with its typed config, tee its output to the run's log, track its metrics;
+4. commit: checksums, manifest last, atomic rename.
+
+A user error (GptlineError) fails the node without retries; any other exception or a dead worker is retried by Ray
+up to `run.max_retries` times, each attempt resuming from the partial directory. A run's record lives in the store
+under `runs/<run_id>/` (composed config, every node's version and state, logs, metrics), so `resume`, `status`
+and `report` work from any machine that sees the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+
+from pipeline.artifacts import RUNS_DIR, Store
+from pipeline.config import typed
+from pipeline.dag import DAG, StageContext, StageResources, StageSpec
+from pipeline.errors import DagError, GptlineError, StoreError
+from pipeline.tracking import Tracker
+
+RUN_STATES = ("pending", "running", "done", "reused", "failed")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+class RunRecord:
+    """`runs/<run_id>/` in the store: run.json, config.json, nodes/<stage>.json, logs/, metrics/, wandb/.
+
+    Logs, metrics and wandb files are written to a local directory as they happen: the record itself on a local
+    store, a scratch copy uploaded by `publish()` on an object store.
+    """
+
+    def __init__(self, store: Store, run_id: str, scratch: Path):
+        self.store, self.run_id = store, run_id
+        self.path = store.path(RUNS_DIR, run_id)
+        self.local = Path(self.path) if store.is_local else scratch / RUNS_DIR / run_id
+
+    def exists(self) -> bool:
+        return self.store.exists(self.path + "/run.json")
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            return self.store.read_json(self.path + "/run.json")
+        except (FileNotFoundError, OSError) as e:
+            raise StoreError(f"no run {self.run_id!r} in store {self.store.uri}") from e
+
+    def config(self) -> dict[str, Any]:
+        return self.store.read_json(self.path + "/config.json")
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        self.store.write_json(self.path + "/run.json", {**meta, "updated": time.time()})
+
+    def update_meta(self, **fields: Any) -> None:
+        self.write_meta({**self.meta(), **fields})
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.store.write_json(self.path + "/config.json", config)
+
+    def node(self, stage: str) -> dict[str, Any]:
+        try:
+            return self.store.read_json(f"{self.path}/nodes/{stage}.json")
+        except (FileNotFoundError, OSError):
+            return {"stage": stage, "state": "pending"}
+
+    def set_node(self, stage: str, **fields: Any) -> None:
+        self.store.write_json(f"{self.path}/nodes/{stage}.json", {**self.node(stage), **fields})
+
+    def local_file(self, rel: str) -> Path:
+        path = self.local / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def publish(self) -> None:
+        if not self.store.is_local and self.local.exists():
+            pafs.copy_files(str(self.local), self.path, destination_filesystem=self.store.fs)
+
+
+def list_runs(store: Store) -> list[str]:
+    infos = store.list_dir(store.path(RUNS_DIR))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+# ---- the work done inside a stage's Ray task ------------------------------------------------------------------
+@dataclass
+class NodeJob:
+    """Everything a stage task needs; pickled to the worker that runs it."""
+
+    store: Store
+    run_id: str
+    spec: StageSpec
+    version: str
+    config: Any  # the stage's resolved config subtree (plain data)
+    inputs: dict[str, str]  # input stage -> version
+    resources: StageResources
+    tracking: dict[str, Any]
+    verify: str
+    lock_ttl_s: float
+    lock_heartbeat_s: float
+    scratch: str
+    quiet: bool
+
+
+@dataclass
+class NodeOutcome:
+    stage: str
+    version: str
+    state: str  # done, reused or failed
+    error: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    resumed: bool = False
+    host: str = ""
+    node_id: str = ""
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams: Any):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def _capture_output(log_path: Path) -> Iterator[None]:
+    """Tee the stage's prints and logging into its log file in the run record (Ray also streams them)."""
+    with open(log_path, "a", buffering=1) as log:
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(saved[0], log), _Tee(saved[1], log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
+            root.removeHandler(handler)
+
+
+@ray.remote(num_cpus=0)
+class LockTable:
+    """Build leases for stores without a local filesystem (object stores), shared by every driver of a cluster."""
+
+    def __init__(self) -> None:
+        self.leases: dict[str, tuple[str, float]] = {}
+
+    def acquire(self, key: str, owner: str, ttl_s: float) -> bool:
+        holder = self.leases.get(key)
+        if holder is None or holder[0] == owner or holder[1] < time.time():
+            self.leases[key] = (owner, time.time() + ttl_s)
+            return True
+        return False
+
+    def release(self, key: str, owner: str) -> None:
+        if self.leases.get(key, ("", 0))[0] == owner:
+            del self.leases[key]
+
+
+@contextlib.contextmanager
+def _build_lease(job: NodeJob) -> Iterator[None]:
+    if job.store.is_local:
+        with job.store.lock(job.spec.name, job.version, job.lock_ttl_s, job.lock_heartbeat_s):
+            yield
+        return
+    table = LockTable.options(name="gptline-locks", lifetime="detached", get_if_exists=True).remote()
+    key, owner, stop = f"{job.store.uri}/{job.spec.name}/{job.version}", uuid.uuid4().hex, threading.Event()
+    while not ray.get(table.acquire.remote(key, owner, job.lock_ttl_s)):
+        time.sleep(1.0)
+
+    def renew() -> None:
+        while not stop.wait(job.lock_heartbeat_s):
+            ray.get(table.acquire.remote(key, owner, job.lock_ttl_s))
+
+    beat = threading.Thread(target=renew, daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        ray.get(table.release.remote(key, owner))
+
+
+def build_node(job: NodeJob, *upstream: NodeOutcome) -> NodeOutcome:
+    """Build one artifact (runs as a Ray task; also callable directly)."""
+    stage, version, store = job.spec.name, job.version, job.store
+    host = socket.gethostname()
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    outcome = NodeOutcome(stage, version, "failed", host=host, node_id=node_id)
+    broken = [u.stage for u in upstream if u.state == "failed"]
+    if broken:
+        outcome.error = f"not run: input {broken[0]!r} failed"
+        return outcome
+
+    scratch = Path(job.scratch).expanduser()
+    record = RunRecord(store, job.run_id, scratch)
+    started = time.time()
+    record.set_node(stage, state="running", version=version, started=started, host=host, pid=os.getpid(),
+                    node_id=node_id)  # fmt: skip
+    try:
+        with _capture_output(record.local_file(f"logs/{stage}.log")), _build_lease(job):
+            if store.is_committed(stage, version):  # another run built it while we waited for the lease
+                outcome.state = "reused"
+                return outcome
+            try:
+                outcome.metrics = _run_stage(job, store, record, scratch, started, outcome)
+                outcome.state = "done"
+            except GptlineError as e:
+                print(f"[{stage}] error: {e}", file=sys.stderr)
+                outcome.error = str(e)
+            except BaseException:
+                traceback.print_exc()
+                raise
+            finally:
+                outcome.seconds = time.time() - started
+    finally:
+        record.publish()
+    return outcome
+
+
+def _run_stage(
+    job: NodeJob, store: Store, record: RunRecord, scratch: Path, started: float, outcome: NodeOutcome
+) -> dict[str, Any]:
+    stage, version = job.spec.name, job.version
+    inputs = {
+        name: store.localize(store.load(name, ver, verify=job.verify), scratch) for name, ver in job.inputs.items()
+    }
+    workdir, outcome.resumed = store.open_workdir(stage, version, scratch)
+    if outcome.resumed:
+        print(f"[{stage}] resuming from partial work in {workdir}")
+    tracker = Tracker(
+        run_id=job.run_id,
+        stage=stage,
+        version=version,
+        config=job.config if isinstance(job.config, dict) else {"value": job.config},
+        metrics_path=record.local_file(f"metrics/{stage}.jsonl"),
+        wandb_dir=record.local / "wandb",
+        **job.tracking,
+    )
+    ctx = StageContext(
+        stage=stage,
+        version=version,
+        run_id=job.run_id,
+        resumed=outcome.resumed,
+        resources=job.resources,
+        quiet=job.quiet,
+        log=tracker.log,
+        save_partial=lambda: store.save_partial(stage, version, workdir),
+    )
+    try:
+        metrics = dict(job.spec.run(typed(job.spec.config_class, job.config), inputs, workdir, ctx) or {})
+    except BaseException:
+        tracker.finish(failed=True)
+        store.save_partial(stage, version, workdir)
+        raise
+    tracker.finish(summary=metrics)
+    ended = time.time()
+    store.commit(
+        stage,
+        version,
+        workdir,
+        {
+            "stage_version": job.spec.version,
+            "config": job.config,
+            "inputs": job.inputs,
+            "metrics": metrics,
+            "timings": {"start": started, "end": ended, "seconds": ended - started},
+            "run_id": job.run_id,
+            "resumed": outcome.resumed,
+        },
+    )
+    return metrics
+
+
+# ---- the driver --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NodePlan:
+    stage: str
+    version: str
+    action: str  # reuse, resume or run
+
+
+def connect_ray(cluster: dict[str, Any]) -> bool:
+    """Join the configured cluster, or start an embedded Ray. True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"namespace": cluster["namespace"], "log_to_driver": True}
+    if cluster["runtime_env"]:
+        kwargs["runtime_env"] = cluster["runtime_env"]
+    address = cluster["address"] or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=cluster["num_cpus"], include_dashboard=False, **kwargs)
+    return True
+
+
+class Runner:
+    """Plans and executes one run of a selection of the DAG against a store."""
+
+    def __init__(self, dag: DAG, config: dict[str, Any], store: Store, selection: list[str], run_id: str):
+        self.dag, self.config, self.store, self.run_id = dag, config, store, run_id
+        self.selection = selection
+        self.versions = dag.versions({spec.key: config.get(spec.key) for spec in dag.specs.values()})
+        self.scratch = Path(config["run"]["scratch_dir"]).expanduser()
+        self.record = RunRecord(store, run_id, self.scratch)
+        self.quiet = config["run"]["quiet"]
+
+    def plan(self) -> list[NodePlan]:
+        """What would happen, without starting anything; errors when a selected stage's input is unavailable."""
+        plans = []
+        for name in self.selection:
+            version = self.versions[name]
+            for dep in self.dag.specs[name].inputs:
+                if dep not in self.selection and not self.store.is_committed(dep, self.versions[dep]):
+                    raise DagError(
+                        f"stage {name!r} needs input {dep!r} (version {self.versions[dep]}), which is not "
+                        f"committed in {self.store.uri}; include it in the selection"
+                    )
+            if self.store.is_committed(name, version):
+                action = "reuse"
+            elif self.store.has_partial(name, version):
+                action = "resume"
+            else:
+                action = "run"
+            plans.append(NodePlan(name, version, action))
+        return plans
+
+    def _job(self, name: str) -> NodeJob:
+        spec = self.dag.specs[name]
+        run_cfg = self.config["run"]
+        return NodeJob(
+            store=self.store,
+            run_id=self.run_id,
+            spec=spec,
+            version=self.versions[name],
+            config=self.config.get(spec.key),
+            inputs={dep: self.versions[dep] for dep in spec.inputs},
+            resources=typed(StageResources, self.config["cluster"]["resources"].get(name, {})),
+            tracking=self.config["tracking"],
+            verify=self.config["store"]["verify"],
+            lock_ttl_s=run_cfg["lock_ttl_s"],
+            lock_heartbeat_s=run_cfg["lock_heartbeat_s"],
+            scratch=run_cfg["scratch_dir"],
+            quiet=self.quiet,
+        )
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(time.strftime("%H:%M:%S"), text, flush=True)
+
+    def execute(self, plans: list[NodePlan]) -> bool:
+        """Run the plan on Ray; record every node's state; True when every selected node is done or reused."""
+        self.record.update_meta(status="running", driver_host=socket.gethostname(), driver_pid=os.getpid())
+        started_ray = connect_ray(self.config["cluster"])
+        try:
+            return self._execute(plans)
+        except BaseException as e:
+            self.record.update_meta(status="failed", error=f"driver stopped: {type(e).__name__}: {e}")
+            raise
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+    def _execute(self, plans: list[NodePlan]) -> bool:
+        task = ray.remote(build_node)
+        results: dict[str, Any] = {}
+        pending: dict[ray.ObjectRef, str] = {}
+        for plan in plans:
+            spec = self.dag.specs[plan.stage]
+            previous = self.record.node(plan.stage)
+            if plan.action == "reuse":
+                keep_done = previous.get("state") == "done" and previous.get("version") == plan.version
+                state = "done" if keep_done else "reused"
+                self.record.set_node(plan.stage, state=state, version=plan.version, error="")
+                self.say(f"{plan.stage:<12} {plan.version}  {state}")
+                results[plan.stage] = NodeOutcome(plan.stage, plan.version, state)
+                continue
+            upstream = [
+                results.get(dep, NodeOutcome(dep, self.versions[dep], "reused")) for dep in spec.inputs
+            ]
+            resources = self._job(plan.stage).resources
+            ref = task.options(
+                name=f"{plan.stage}:{plan.version}",
+                num_cpus=0 if spec.starts_workers else resources.num_cpus,
+                num_gpus=0 if spec.starts_workers else resources.num_gpus,
+                max_retries=self.config["run"]["max_retries"],
+                retry_exceptions=True,
+            ).remote(self._job(plan.stage), *upstream)
+            self.record.set_node(plan.stage, state="pending", version=plan.version, error="")
+            self.say(f"{plan.stage:<12} {plan.version}  {'resuming' if plan.action == 'resume' else 'queued'}")
+            results[plan.stage] = ref
+            pending[ref] = plan.stage
+
+        ok = True
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            stage = pending.pop(ref)
+            try:
+                outcome: NodeOutcome = ray.get(ref)
+            except (ray.exceptions.RayError, GptlineError) as e:
+                outcome = NodeOutcome(stage, self.versions[stage], "failed", error=_one_line(e))
+            ok &= outcome.state != "failed"
+            self.record.set_node(
+                stage,
+                state=outcome.state,
+                version=outcome.version,
+                error=outcome.error,
+                seconds=round(outcome.seconds, 3),
+                metrics=outcome.metrics,
+                resumed=outcome.resumed,
+                ended=time.time(),
+            )
+            detail = f"in {outcome.seconds:.1f} s" if outcome.state == "done" else outcome.error
+            self.say(f"{stage:<12} {outcome.version}  {outcome.state}  {detail}".rstrip())
+        self.record.update_meta(status="done" if ok else "failed")
+        return ok
+
+
+def _one_line(error: BaseException) -> str:
+    """The root cause of a Ray task failure, on one line."""
+    cause = getattr(error, "cause", None)
+    if isinstance(error, ray.exceptions.WorkerCrashedError) or "WorkerCrashedError" in type(error).__name__:
+        return "the stage's worker process died (killed or crashed); resume continues from its partial work"
+    if cause is not None and not isinstance(cause, ray.exceptions.RayError):
+        return f"{type(cause).__name__}: {cause}"
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
