@@ -45,7 +45,7 @@ LOCK = ".lock"
 RUNS_DIR = "runs"
 VERSION_CHARS = 12
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-VERSION_RE = re.compile(r"^[0-9a-f]{%d}$" % VERSION_CHARS)
+VERSION_RE = re.compile(rf"^[0-9a-f]{{{VERSION_CHARS}}}$")
 HASH_CHUNK = 1 << 20
 
 
@@ -262,9 +262,9 @@ class Store:
         found = []
         for name in [stage] if stage else self.stages():
             for info in self.list_dir(self.path(name)):
-                if info.type == pafs.FileType.Directory and VERSION_RE.match(info.base_name):
-                    if self.is_committed(name, info.base_name):
-                        found.append(self.load(name, info.base_name, verify="none"))
+                is_version = info.type == pafs.FileType.Directory and VERSION_RE.match(info.base_name)
+                if is_version and self.is_committed(name, info.base_name):
+                    found.append(self.load(name, info.base_name, verify="none"))
         return sorted(found, key=lambda a: (a.manifest.get("timings", {}).get("end", 0), a.ref))
 
     def uncommitted(self) -> list[str]:
@@ -332,7 +332,11 @@ class Store:
     def save_partial(self, stage: str, version: str, workdir: Path) -> None:
         """Object stores: upload a stage's partial work so another node can resume it. Local: nothing to do."""
         if not self.is_local:
-            pafs.copy_files(str(workdir), self.partial_path(stage, version), destination_filesystem=self.fs)
+            self._upload(workdir, self.partial_path(stage, version))
+
+    def _upload(self, local_dir: Path, path: str) -> None:
+        self.fs.create_dir(path, recursive=True)
+        pafs.copy_files(str(local_dir), path, destination_filesystem=self.fs)
 
     def localize(self, artifact: Artifact, scratch: Path) -> Path:
         """A local directory holding the artifact's files (the artifact itself on a local store)."""
@@ -341,6 +345,7 @@ class Store:
         local = scratch / "inputs" / artifact.stage / artifact.version
         if not (local / MANIFEST).exists():
             tmp = local.with_name(local.name + f".tmp-{uuid.uuid4().hex}")
+            tmp.mkdir(parents=True)
             pafs.copy_files(artifact.path, str(tmp), source_filesystem=self.fs)
             if local.exists():
                 shutil.rmtree(local)
@@ -371,9 +376,7 @@ class Store:
             os.rename(workdir, final)
             _fsync_dir(Path(final).parent)
         else:
-            for rel in manifest["files"]:
-                self.fs.create_dir(f"{final}/{rel}".rsplit("/", 1)[0], recursive=True)
-                pafs.copy_files(str(workdir / rel), f"{final}/{rel}", destination_filesystem=self.fs)
+            self._upload(workdir, final)
             fault_point(f"commit.{stage}.before_rename")
             self.write_json(f"{final}/{MANIFEST}", manifest)
             if self.has_partial(stage, version):
@@ -445,7 +448,12 @@ class LeaseFile:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
-        record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+        record = {
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "heartbeat": time.time(),
+        }
         return json.dumps(record).encode()
 
     def read(self) -> dict[str, Any] | None:

@@ -23,14 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
 
 from pipeline.artifacts import Store
-from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config
+from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config, parse_overrides
 from pipeline.dag import DAG, load_registry
-from pipeline.errors import ConfigError, GptlineError
-from pipeline.runner import RunRecord, Runner, list_runs, new_run_id
+from pipeline.errors import GptlineError
+from pipeline.runner import Runner, RunRecord, list_runs, new_run_id
 
 DEFAULT_REGISTRY = "stages:REGISTRY"
 
@@ -47,11 +45,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Hydra's basic sweeper semantics: `a=1,2 b=x,y` gives the 4 points of the cartesian product."""
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as e:
-        raise ConfigError(" ".join(str(e).split())) from e
-    return [point for batch in BasicSweeper.split_arguments(parsed, None) for point in batch]
+    return [point for batch in BasicSweeper.split_arguments(parse_overrides(overrides), None) for point in batch]
 
 
 def _start_run(args: argparse.Namespace, specs: list, dag: DAG, overrides: list[str]) -> tuple[str, bool]:
@@ -170,7 +164,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         end = a.manifest.get("timings", {}).get("end")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(end)) if end else ""
         rows.append([a.stage, a.version, when, str(len(files)), f"{size / 1e6:.2f} MB", a.manifest.get("run_id", "")])
-    print(_table(rows, ["stage", "version", "built", "files", "size", "run"]) if rows else f"no artifacts in {store.uri}")
+    print(
+        _table(rows, ["stage", "version", "built", "files", "size", "run"]) if rows else f"no artifacts in {store.uri}"
+    )
     return 0
 
 
@@ -228,8 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptline", description=__doc__.split("\n\n")[0], parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", parents=[common], help="compose the config and run the pipeline")
-    run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pretrain.lr=3e-4")
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="compose the config and run the pipeline",
+        usage="gptline run [OVERRIDE ...] [options]   (Hydra overrides such as pretrain.lr=3e-4, anywhere)",
+    )
     run.add_argument("-m", "--multirun", action="store_true", help="sweep: one run per override combination")
     run.add_argument("--dry-run", action="store_true", help="print the plan and start nothing")
     run.add_argument("--until", nargs="+", metavar="STAGE", help="run these stages and what they need")
@@ -262,7 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may stand before, between or after options, so they are whatever argparse does not know.
+    args, extra = parser.parse_known_args(argv)
+    unknown_options = [a for a in extra if a.startswith("-")]
+    if unknown_options or (extra and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
+    args.overrides = extra
     try:
         return args.func(args)
     except GptlineError as e:

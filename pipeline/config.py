@@ -15,11 +15,13 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -66,9 +68,9 @@ class RunConfig:
 @dataclass
 class ClusterConfig:
     name: str = "local"
-    address: Optional[str] = None  # None: start an embedded Ray; else "ray://host:10001", "auto", "host:6379"
+    address: str | None = None  # None: start an embedded Ray; else "ray://host:10001", "auto", "host:6379"
     namespace: str = "gptline"
-    num_cpus: Optional[int] = None  # embedded Ray only; None uses every core
+    num_cpus: int | None = None  # embedded Ray only; None uses every core
     runtime_env: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, StageResources] = field(default_factory=dict)  # per stage name, over the spec's
 
@@ -85,7 +87,7 @@ class ClusterConfig:
 class TrackingConfig:
     mode: str = "offline"  # offline (default: nothing leaves the machine), online, disabled
     project: str = "gptline"
-    entity: Optional[str] = None
+    entity: str | None = None
 
     def validate(self) -> list[tuple[str, str]]:
         if self.mode not in TRACKING_MODES:
@@ -131,7 +133,7 @@ def _suggest(schema: type, full_key: str) -> str:
         node = OmegaConf.select(node, parent, default=None)
     if not isinstance(node, DictConfig):
         return ""
-    close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1, cutoff=0.6)
+    close = difflib.get_close_matches(leaf, [str(k) for k in node], n=1, cutoff=0.6)
     return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
 
 
@@ -164,10 +166,24 @@ def validate(cfg: Any, prefix: str = "") -> None:
         validate(getattr(cfg, f.name), f"{prefix}{f.name}.")
 
 
+def parse_overrides(overrides: list[str]) -> list[Override]:
+    """Hydra's override grammar, with a syntax error naming the override it is in."""
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        try:
+            parsed += parser.parse_overrides([text])
+        except HydraException as e:
+            message = str(e).split(" See https://")[0]
+            raise ConfigError(f"cannot parse override {text!r}: {' '.join(message.split())}") from e
+    return parsed
+
+
 def compose_config(
     specs: list[StageSpec], overrides: list[str], config_dir: Path = DEFAULT_CONFIG_DIR
 ) -> dict[str, Any]:
     """Compose conf/config.yaml with overrides, validate it, and return the resolved plain-data tree."""
+    parse_overrides(overrides)
     schema = build_schema(specs)
     ConfigStore.instance().store(name=SCHEMA_NAME, node=schema)
     GlobalHydra.instance().clear()

@@ -409,9 +409,7 @@ class Runner:
                 self.say(f"{plan.stage:<12} {plan.version}  {state}")
                 results[plan.stage] = NodeOutcome(plan.stage, plan.version, state)
                 continue
-            upstream = [
-                results.get(dep, NodeOutcome(dep, self.versions[dep], "reused")) for dep in spec.inputs
-            ]
+            upstream = [results.get(dep, NodeOutcome(dep, self.versions[dep], "reused")) for dep in spec.inputs]
             resources = self._job(plan.stage).resources
             ref = task.options(
                 name=f"{plan.stage}:{plan.version}",
@@ -425,29 +423,41 @@ class Runner:
             results[plan.stage] = ref
             pending[ref] = plan.stage
 
-        ok = True
+        failed: set[str] = set()
         while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            stage = pending.pop(ref)
-            try:
-                outcome: NodeOutcome = ray.get(ref)
-            except (ray.exceptions.RayError, GptlineError) as e:
-                outcome = NodeOutcome(stage, self.versions[stage], "failed", error=_one_line(e))
-            ok &= outcome.state != "failed"
-            self.record.set_node(
-                stage,
-                state=outcome.state,
-                version=outcome.version,
-                error=outcome.error,
-                seconds=round(outcome.seconds, 3),
-                metrics=outcome.metrics,
-                resumed=outcome.resumed,
-                ended=time.time(),
-            )
-            detail = f"in {outcome.seconds:.1f} s" if outcome.state == "done" else outcome.error
-            self.say(f"{stage:<12} {outcome.version}  {outcome.state}  {detail}".rstrip())
-        self.record.update_meta(status="done" if ok else "failed")
-        return ok
+            ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+            # Upstream before downstream, so a failure propagated by Ray is reported as "input failed".
+            for ref in sorted(ready, key=lambda r: self.dag.order.index(pending[r])):
+                stage = pending.pop(ref)
+                outcome = self._outcome(stage, ref, failed)
+                if outcome.state == "failed":
+                    failed.add(stage)
+                self._record(outcome)
+        self.record.update_meta(status="failed" if failed else "done")
+        return not failed
+
+    def _outcome(self, stage: str, ref: ray.ObjectRef, failed: set[str]) -> NodeOutcome:
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.RayError, GptlineError) as e:
+            broken = [dep for dep in self.dag.specs[stage].inputs if dep in failed]
+            error = f"not run: input {broken[0]!r} failed" if broken else _one_line(e)
+            return NodeOutcome(stage, self.versions[stage], "failed", error=error)
+
+    def _record(self, outcome: NodeOutcome) -> None:
+        self.record.set_node(
+            outcome.stage,
+            state=outcome.state,
+            version=outcome.version,
+            error=outcome.error,
+            seconds=round(outcome.seconds, 3),
+            metrics=outcome.metrics,
+            resumed=outcome.resumed,
+            ended=time.time(),
+        )
+        detail = f"in {outcome.seconds:.1f} s" if outcome.state == "done" else outcome.error
+        self.say(f"{outcome.stage:<12} {outcome.version}  {outcome.state}  {detail}".rstrip())
 
 
 def _one_line(error: BaseException) -> str:

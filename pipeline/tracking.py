@@ -70,4 +70,3 @@ class Tracker:
             self._wandb_run.summary.update({k: _plain(v) for k, v in summary.items()})
         self._wandb_run.finish(exit_code=1 if failed else 0)
         self._wandb_run = None
-

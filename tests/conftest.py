@@ -1,0 +1,75 @@
+"""Shared fixtures: one real Ray instance for the whole test session (started once, not per test).
+
+The pipeline tests run the real runner and CLI against a DAG of small Parquet stages (tests/parquet_stages.py).
+Ray workers inherit this process's environment at `ray.init`, which is how they find the test stages
+(PYTHONPATH), the fault-injection directory and the execution ledger; CLI subprocesses join the same instance
+through RAY_ADDRESS.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REGISTRY = "tests.parquet_stages:REGISTRY"
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory: pytest.TempPathFactory):
+    import ray
+
+    fault_dir = tmp_path_factory.mktemp("faults")
+    ledger = tmp_path_factory.mktemp("ledger") / "ledger.txt"
+    os.environ["GPTLINE_FAULT_DIR"] = str(fault_dir)
+    os.environ["GPTLINE_TEST_LEDGER"] = str(ledger)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    context = ray.init(num_cpus=4, include_dashboard=False, namespace="gptline", log_to_driver=False)
+    os.environ["RAY_ADDRESS"] = context.address_info["gcs_address"]
+    yield SimpleNamespace(fault_dir=fault_dir, ledger=ledger)
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+
+
+class Pipeline:
+    """Drives the real CLI (in this process) against one test's own store."""
+
+    def __init__(self, store: Path, ray_session: SimpleNamespace, capsys: pytest.CaptureFixture):
+        self.store, self.ray, self.capsys = store, ray_session, capsys
+
+    def run(self, *args: str) -> int:
+        from pipeline.cli import main
+
+        return main(["run", "--registry", REGISTRY, f"store.root={self.store}", "tracking=disabled", *args])
+
+    def cli(self, *args: str) -> int:
+        from pipeline.cli import main
+
+        return main([*args, "--store", str(self.store)])
+
+    def arm(self, fault: str) -> None:
+        (self.ray.fault_dir / fault).touch()
+
+    def executions(self, event: str = "start") -> list[str]:
+        """Stages (or chunks) that really executed against this store, in order."""
+        if not self.ray.ledger.exists():
+            return []
+        lines = [line.split() for line in self.ray.ledger.read_text().splitlines()]
+        return [stage for stage, ev, store in lines if store == str(self.store) and ev == event]
+
+    def chunks_written(self) -> list[str]:
+        lines = [line.split() for line in self.ray.ledger.read_text().splitlines()]
+        return [ev for _, ev, store in lines if store == str(self.store) and ev.startswith("chunk")]
+
+    def latest_run(self) -> str:
+        return sorted(p.name for p in (self.store / "runs").iterdir())[-1]
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, ray_session: SimpleNamespace, capsys: pytest.CaptureFixture) -> Pipeline:
+    yield Pipeline(tmp_path / "store", ray_session, capsys)
+    for marker in ray_session.fault_dir.iterdir():  # a fault a test armed but did not trigger
+        marker.unlink()

@@ -1,0 +1,97 @@
+"""The stage graph and config composition, without Ray: identity of versions, selection, and config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipeline.config import compose_config, load_config
+from pipeline.dag import DAG, StageSpec
+from pipeline.errors import ConfigError, DagError
+from tests.parquet_stages import CYCLIC, REGISTRY, NumbersConfig, numbers
+
+
+def versions(overrides: list[str], specs: list[StageSpec] = REGISTRY) -> dict[str, str]:
+    config = compose_config(specs, overrides)
+    return DAG(specs).versions({s.key: config[s.key] for s in specs})
+
+
+def test_version_changes_exactly_with_own_config_version_or_upstream():
+    base = versions([])
+    # Own config subtree: squares and everything downstream of it change, nothing else.
+    changed = versions(["squares.power=3"])
+    assert {s for s in base if base[s] != changed[s]} == {"squares", "total"}
+    # Upstream change propagates to every descendant.
+    changed = versions(["numbers.seed=7"])
+    assert {s for s in base if base[s] != changed[s]} == {"numbers", "squares", "evens", "total"}
+    # Leaf change touches only the leaf.
+    changed = versions(["total.scale=2.0"])
+    assert {s for s in base if base[s] != changed[s]} == {"total"}
+    # Resources, retries, store, tracking and cluster never enter an artifact's identity.
+    assert versions(["cluster.resources.numbers.num_workers=8", "cluster.resources.squares.num_cpus=2"]) == base
+    assert versions(["run.max_retries=5", "tracking=online", "cluster=remote", "store.verify=size"]) == base
+    # Bumping a stage's VERSION changes it and its descendants.
+    bumped = [dataclasses.replace(s, version=2) if s.name == "evens" else s for s in REGISTRY]
+    changed = versions([], bumped)
+    assert {s for s in base if base[s] != changed[s]} == {"evens", "total"}
+
+
+def test_topological_order_and_selection():
+    dag = DAG(REGISTRY)
+    assert dag.order == ["numbers", "squares", "evens", "total"]
+    assert dag.select() == dag.order
+    assert dag.select(until=["squares"]) == ["numbers", "squares"]
+    assert dag.select(until=["evens", "squares"]) == ["numbers", "squares", "evens"]
+    assert dag.select(only=["total", "evens"]) == ["evens", "total"]
+    with pytest.raises(DagError, match="unknown stage 'nosuch'; known stages: numbers, squares"):
+        dag.select(until=["nosuch"])
+    with pytest.raises(DagError, match="either --until or --only"):
+        dag.select(until=["total"], only=["evens"])
+
+
+def test_malformed_graphs_are_rejected():
+    with pytest.raises(DagError, match="cycle: first -> second -> first"):
+        DAG(CYCLIC)
+    with pytest.raises(DagError, match="takes input 'missing'"):
+        DAG([StageSpec("a", numbers, NumbersConfig, inputs=("missing",))])
+    with pytest.raises(DagError, match="registered twice"):
+        DAG([StageSpec("a", numbers, NumbersConfig), StageSpec("a", numbers, NumbersConfig)])
+    with pytest.raises(DagError, match="invalid stage name"):
+        DAG([StageSpec("../up", numbers, NumbersConfig)])
+    with pytest.raises(DagError, match="invalid stage name"):
+        DAG([StageSpec("runs", numbers, NumbersConfig)])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("numbers.chunkz=3", "unknown config key 'numbers.chunkz'; did you mean 'numbers.chunks'?"),
+        ("+numbers.chunkz=3", "unknown config key 'numbers.chunkz'; did you mean 'numbers.chunks'?"),
+        ("run.max_retriez=3", "unknown config key 'run.max_retriez'; did you mean 'run.max_retries'?"),
+        ("numbers.chunks=many", "invalid value for config key 'numbers.chunks'"),
+        ("numbers.chunks=0", "invalid value for config key 'numbers.chunks': must be >= 1, got 0"),
+        ("run.max_retries=-1", "invalid value for config key 'run.max_retries': must be >= 0"),
+        (
+            "store.verify=maybe",
+            "invalid value for config key 'store.verify': must be one of none, size, full",
+        ),
+        ("tracking.mode=cloud", "invalid value for config key 'tracking.mode'"),
+        ("cluster.resources.squares.num_workers=0", "'cluster.resources.squares.num_workers': must be >= 1"),
+        ("cluster=nosuch", "Could not find 'cluster/nosuch' Available options in 'cluster': local remote"),
+        ("numbers.chunks=[1", "numbers.chunks=[1"),
+    ],
+)
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as error:
+        compose_config(REGISTRY, [override])
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_recorded_config_is_revalidated_on_load():
+    config = compose_config(REGISTRY, ["numbers.chunks=2"])
+    assert load_config(REGISTRY, config) == config
+    config["numbers"]["chunkz"] = 3
+    with pytest.raises(ConfigError, match="'numbers.chunkz'; did you mean 'numbers.chunks'"):
+        load_config(REGISTRY, config)
