@@ -10,12 +10,12 @@ ARGS   ?=
 
 install: $(STAMP)
 
+# DeepSpeed ships as an sdist whose setup.py imports torch: it is built against the torch installed just before
+# (no build isolation, which would download a CUDA torch), and its ops compile lazily on first use.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q torch==2.13.0
-	# DeepSpeed ships as an sdist whose setup.py imports torch: build it against the torch above instead of an
-	# isolated build environment (which would download a CUDA torch), and compile its ops lazily on first use.
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@

@@ -42,8 +42,6 @@ from pipeline.dag import DAG, StageContext, StageResources, StageSpec
 from pipeline.errors import DagError, GptlineError, StoreError
 from pipeline.tracking import Tracker
 
-RUN_STATES = ("pending", "running", "done", "reused", "failed")
-
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -60,9 +58,6 @@ class RunRecord:
         self.store, self.run_id = store, run_id
         self.path = store.path(RUNS_DIR, run_id)
         self.local = Path(self.path) if store.is_local else scratch / RUNS_DIR / run_id
-
-    def exists(self) -> bool:
-        return self.store.exists(self.path + "/run.json")
 
     def meta(self) -> dict[str, Any]:
         try:
@@ -410,15 +405,15 @@ class Runner:
                 results[plan.stage] = NodeOutcome(plan.stage, plan.version, state)
                 continue
             upstream = [results.get(dep, NodeOutcome(dep, self.versions[dep], "reused")) for dep in spec.inputs]
-            resources = self._job(plan.stage).resources
+            job = self._job(plan.stage)
+            self.record.set_node(plan.stage, state="pending", version=plan.version, error="")
             ref = task.options(
                 name=f"{plan.stage}:{plan.version}",
-                num_cpus=0 if spec.starts_workers else resources.num_cpus,
-                num_gpus=0 if spec.starts_workers else resources.num_gpus,
+                num_cpus=0 if spec.starts_workers else job.resources.num_cpus,
+                num_gpus=0 if spec.starts_workers else job.resources.num_gpus,
                 max_retries=self.config["run"]["max_retries"],
                 retry_exceptions=True,
-            ).remote(self._job(plan.stage), *upstream)
-            self.record.set_node(plan.stage, state="pending", version=plan.version, error="")
+            ).remote(job, *upstream)
             self.say(f"{plan.stage:<12} {plan.version}  {'resuming' if plan.action == 'resume' else 'queued'}")
             results[plan.stage] = ref
             pending[ref] = plan.stage

@@ -53,16 +53,18 @@ class Pipeline:
     def arm(self, fault: str) -> None:
         (self.ray.fault_dir / fault).touch()
 
-    def executions(self, event: str = "start") -> list[str]:
-        """Stages (or chunks) that really executed against this store, in order."""
+    def _ledger(self) -> list[tuple[str, str]]:
+        """(stage, event) lines that really executed against this store, in order."""
         if not self.ray.ledger.exists():
             return []
         lines = [line.split() for line in self.ray.ledger.read_text().splitlines()]
-        return [stage for stage, ev, store in lines if store == str(self.store) and ev == event]
+        return [(stage, event) for stage, event, store in lines if store == str(self.store)]
+
+    def executions(self) -> list[str]:
+        return [stage for stage, event in self._ledger() if event == "start"]
 
     def chunks_written(self) -> list[str]:
-        lines = [line.split() for line in self.ray.ledger.read_text().splitlines()]
-        return [ev for _, ev, store in lines if store == str(self.store) and ev.startswith("chunk")]
+        return [event for _, event in self._ledger() if event.startswith("chunk")]
 
     def latest_run(self) -> str:
         return sorted(p.name for p in (self.store / "runs").iterdir())[-1]
