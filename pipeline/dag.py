@@ -14,7 +14,7 @@ returned dict of numbers goes into the manifest.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,19 @@ class StageResources:
         return problems
 
 
+def serial_map(fn: Callable[[Any], Any], items: Sequence[Any], desc: str = "") -> list[Any]:
+    """The fan-out a stage gets when it runs outside the pipeline: one item after another, in this process."""
+    return [fn(item) for item in items]
+
+
 @dataclass
 class StageContext:
-    """What a running stage may know about its execution besides its config, inputs and output directory."""
+    """What a running stage may know about its execution besides its config, inputs and output directory.
+
+    `map(fn, items, desc)` is how a data stage fans out: `fn` (a module-level function) is applied to every item
+    and the results come back in order. Under the runner each call is a Ray task on `resources.cpus_per_worker`
+    CPUs with at most `resources.num_workers` in flight; standalone it is a plain loop. The stage never sees Ray.
+    """
 
     stage: str
     version: str = "standalone"
@@ -60,6 +70,7 @@ class StageContext:
     quiet: bool = False
     log: Callable[[Mapping[str, Any], int | None], None] = lambda metrics, step=None: None
     save_partial: Callable[[], None] = lambda: None
+    map: Callable[..., list[Any]] = serial_map
 
 
 StageFn = Callable[[Any, dict[str, Path], Path, StageContext], Mapping[str, Any] | None]

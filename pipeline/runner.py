@@ -209,6 +209,33 @@ def _build_lease(job: NodeJob) -> Iterator[None]:
         ray.get(table.release.remote(key, owner))
 
 
+class RayMap:
+    """`StageContext.map` under the runner: one Ray task per item, a bounded number in flight, results in order."""
+
+    def __init__(self, stage: str, resources: StageResources, quiet: bool):
+        self.stage, self.resources, self.quiet = stage, resources, quiet
+
+    def __call__(self, fn: Any, items: list[Any], desc: str = "") -> list[Any]:
+        remote = ray.remote(fn).options(
+            num_cpus=self.resources.cpus_per_worker, num_gpus=self.resources.gpus_per_worker
+        )
+        window = max(1, self.resources.num_workers)
+        results: dict[int, Any] = {}
+        in_flight: dict[ray.ObjectRef, int] = {}
+        next_item, done, last_report = 0, 0, 0.0
+        while next_item < len(items) or in_flight:
+            while next_item < len(items) and len(in_flight) < window:
+                in_flight[remote.remote(items[next_item])] = next_item
+                next_item += 1
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            results[in_flight.pop(ref)] = ray.get(ref)
+            done += 1
+            if not self.quiet and (time.time() - last_report > 2 or done == len(items)):
+                print(f"[{self.stage}] {desc or getattr(fn, '__name__', 'map')}: {done}/{len(items)}", flush=True)
+                last_report = time.time()
+        return [results[i] for i in range(len(items))]
+
+
 def build_node(job: NodeJob, *upstream: NodeOutcome) -> NodeOutcome:
     """Build one artifact (runs as a Ray task; also callable directly)."""
     stage, version, store = job.spec.name, job.version, job.store
@@ -223,8 +250,9 @@ def build_node(job: NodeJob, *upstream: NodeOutcome) -> NodeOutcome:
     scratch = Path(job.scratch).expanduser()
     record = RunRecord(store, job.run_id, scratch)
     started = time.time()
-    record.set_node(stage, state="running", version=version, started=started, host=host, pid=os.getpid(),
-                    node_id=node_id)  # fmt: skip
+    record.set_node(
+        stage, state="running", version=version, started=started, host=host, pid=os.getpid(), node_id=node_id
+    )
     try:
         with _capture_output(record.local_file(f"logs/{stage}.log")), _build_lease(job):
             if store.is_committed(stage, version):  # another run built it while we waited for the lease
@@ -274,6 +302,7 @@ def _run_stage(
         quiet=job.quiet,
         log=tracker.log,
         save_partial=lambda: store.save_partial(stage, version, workdir),
+        map=RayMap(stage, job.resources, job.quiet),
     )
     try:
         metrics = dict(job.spec.run(typed(job.spec.config_class, job.config), inputs, workdir, ctx) or {})

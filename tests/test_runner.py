@@ -104,8 +104,17 @@ def test_a_flipped_byte_in_an_input_is_detected_when_a_stage_reads_it(pipeline):
 
 def test_two_runs_started_at_once_build_each_artifact_once(pipeline):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "pipeline", "run", "--registry", REGISTRY, f"store.root={pipeline.store}",
-               "tracking=disabled", "numbers.delay_s=0.5"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--registry",
+        REGISTRY,
+        f"store.root={pipeline.store}",
+        "tracking=disabled",
+        "numbers.delay_s=0.5",
+    ]
     procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
