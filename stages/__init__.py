@@ -1,10 +1,23 @@
 """The recipe's stages, registered in pipeline order.
 
 Each stage module defines a config dataclass, a VERSION and a `run(cfg, inputs, out_dir, ctx)` function; this
-registry is what `gptline run` executes. Stages are added here as they land (crawl-mix, tokenize, pretrain, sft,
-rm, ppo, evaluate).
+registry is what `gptline run` executes. Stages join as they land (tokenize, pretrain, sft, rm, ppo and evaluate
+are still to come).
 """
 
-from pipeline.dag import StageSpec
+from pipeline.dag import StageResources, StageSpec
+from stages import crawl_mix, fetch
 
-REGISTRY: list[StageSpec] = []
+REGISTRY: list[StageSpec] = [
+    StageSpec("fetch", fetch.run, fetch.FetchConfig, version=fetch.VERSION),
+    StageSpec(
+        "crawl_mix",
+        crawl_mix.run,
+        crawl_mix.CrawlMixConfig,
+        inputs=("fetch",),
+        config_key="data",
+        version=crawl_mix.VERSION,
+        resources=StageResources(num_workers=2, cpus_per_worker=1.0),
+        starts_workers=True,
+    ),
+]

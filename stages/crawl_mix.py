@@ -474,7 +474,8 @@ def run(cfg: CrawlMixConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
         name = empty[0]
         raise GptlineError(
             f"data.sources.{name}: no document survived (read {stats[name]['records']} records from "
-            f"{stats[name]['files']} file(s); dropped by rule: {stats[name]['dropped'] or 'none'}; "
+            f"{stats[name]['files']} file(s), {stats[name]['bad_files']} unreadable; "
+            f"dropped by rule: {stats[name]['dropped'] or 'none'}; "
             f"duplicates: {stats[name]['duplicates']}); fix its paths or rules, or remove the source"
         )
     epochs, total = mixture_epochs(

