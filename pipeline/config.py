@@ -189,7 +189,9 @@ def compose_config(
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
-            cfg = compose(config_name="config", overrides=list(overrides))
+            # The main conf/ tree stays on the search path, so another root config reuses its groups.
+            search = f"hydra.searchpath=[file://{DEFAULT_CONFIG_DIR}]"
+            cfg = compose(config_name="config", overrides=[search, *overrides])
     except (HydraException, OmegaConfBaseException) as e:
         raise _explain(e, schema) from e
     finally:

@@ -44,7 +44,9 @@ from pipeline.tracking import Tracker
 
 
 def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    """Sortable by start time (to the millisecond), unique by its random suffix."""
+    now = time.time()
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"{int(now % 1 * 1000):03d}-{uuid.uuid4().hex[:6]}"
 
 
 class RunRecord:

@@ -16,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = "tests.parquet_stages:REGISTRY"
+CONFIG_DIR = str(ROOT / "tests" / "conf")
+TEST_DAG = ["--registry", REGISTRY, "--config-dir", CONFIG_DIR]
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +45,7 @@ class Pipeline:
     def run(self, *args: str) -> int:
         from pipeline.cli import main
 
-        return main(["run", "--registry", REGISTRY, f"store.root={self.store}", "tracking=disabled", *args])
+        return main(["run", *TEST_DAG, f"store.root={self.store}", "tracking=disabled", *args])
 
     def cli(self, *args: str) -> int:
         from pipeline.cli import main

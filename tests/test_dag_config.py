@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from pipeline.config import compose_config, load_config
 from pipeline.dag import DAG, StageSpec
 from pipeline.errors import ConfigError, DagError
+from tests.conftest import CONFIG_DIR
 from tests.parquet_stages import CYCLIC, REGISTRY, NumbersConfig, numbers
 
 
+def compose(overrides: list[str], specs: list[StageSpec] = REGISTRY) -> dict:
+    return compose_config(specs, overrides, Path(CONFIG_DIR))
+
+
 def versions(overrides: list[str], specs: list[StageSpec] = REGISTRY) -> dict[str, str]:
-    config = compose_config(specs, overrides)
+    config = compose(overrides, specs)
     return DAG(specs).versions({s.key: config[s.key] for s in specs})
 
 
@@ -84,13 +90,13 @@ def test_malformed_graphs_are_rejected():
 )
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as error:
-        compose_config(REGISTRY, [override])
+        compose([override])
     assert message in str(error.value)
     assert "\n" not in str(error.value)
 
 
 def test_a_recorded_config_is_revalidated_on_load():
-    config = compose_config(REGISTRY, ["numbers.chunks=2"])
+    config = compose(["numbers.chunks=2"])
     assert load_config(REGISTRY, config) == config
     config["numbers"]["chunkz"] = 3
     with pytest.raises(ConfigError, match="'numbers.chunkz'; did you mean 'numbers.chunks'"):

@@ -11,14 +11,14 @@ import time
 import pytest
 
 from pipeline.artifacts import Store
-from tests.conftest import REGISTRY, ROOT
+from tests.conftest import ROOT, TEST_DAG
 
 
 @pytest.mark.slow
 def test_resume_finishes_a_run_whose_driver_was_killed(pipeline):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [
-        *(sys.executable, "-m", "pipeline", "run", "--registry", REGISTRY),
+        *(sys.executable, "-m", "pipeline", "run", *TEST_DAG),
         *(f"store.root={pipeline.store}", "tracking=disabled", "numbers.delay_s=1.0"),
     ]
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

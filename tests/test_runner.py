@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import Store
-from tests.conftest import REGISTRY, ROOT
+from tests.conftest import ROOT, TEST_DAG
 
 
 def node_states(store: Path, run_id: str) -> dict[str, str]:
@@ -109,8 +109,7 @@ def test_two_runs_started_at_once_build_each_artifact_once(pipeline):
         "-m",
         "pipeline",
         "run",
-        "--registry",
-        REGISTRY,
+        *TEST_DAG,
         f"store.root={pipeline.store}",
         "tracking=disabled",
         "numbers.delay_s=0.5",
@@ -197,8 +196,7 @@ def test_metrics_go_to_jsonl_and_to_an_offline_wandb_run(pipeline):
 
     args = [
         "run",
-        "--registry",
-        REGISTRY,
+        *TEST_DAG,
         f"store.root={pipeline.store}",
         "tracking=offline",
         "--until",
@@ -242,7 +240,7 @@ def test_unwritable_store_root_fails_before_any_work(pipeline, tmp_path):
 
 
 def test_cli_subprocess_user_error_and_debug_traceback(tmp_path):
-    base = [sys.executable, "-m", "pipeline", "run", "--registry", REGISTRY, "numbers.lrr=1"]
+    base = [sys.executable, "-m", "pipeline", "run", *TEST_DAG, "numbers.lrr=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     plain = subprocess.run(base, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert plain.returncode == 2
