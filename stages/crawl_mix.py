@@ -51,6 +51,15 @@ DEFAULT_RULES = {
     "code": ["code"],
 }
 DEDUP_KINDS = ("exact", "url", "near")
+COUNTED = (
+    "records",
+    "bad_records",
+    "bad_files",
+    "truncated_files",
+    "empty_files",
+    "skipped_status",
+    "skipped_non_html",
+)
 ROW_BITS = 32  # a document's rank is (file index << 32) | row within that file's phase-1 output
 HASH_SCALE = float(2**64)
 MIX_BINS = 4096
@@ -99,6 +108,7 @@ class DedupConfig:
 
 @dataclass
 class MixConfig:
+    enabled: bool = True  # false: every surviving train document once, weights ignored (a dedup-only run)
     total_chars: int | None = None  # size of the train mixture; None: as many characters as survived
     max_epochs: float = 4.0  # no source is repeated more often; the total shrinks instead
 
@@ -227,6 +237,8 @@ def extract_and_filter(job: FileJob) -> dict[str, Any]:
         start = time.perf_counter()
         timings["dedup_keys"] += start - filtered
     timings["extract"] += time.perf_counter() - start
+    if not counts["records"] and not counts["bad_records"] and not counts["bad_files"]:
+        counts["empty_files"] += 1
     _write_atomically(pa.table(rows, schema=DOC_SCHEMA), Path(job.work) / "docs" / f"{job.index:06d}.parquet")
     stats = {
         "file": job.path,
@@ -391,6 +403,8 @@ def _write_shards(table: pa.Table, directory: Path, stem: str, max_chars: int) -
 
 def mixture_epochs(chars: dict[str, int], weights: dict[str, float], cfg: MixConfig) -> tuple[dict[str, float], int]:
     """Epochs per source for the target proportions, and the resulting total characters."""
+    if not cfg.enabled:
+        return dict.fromkeys(chars, 1.0), sum(chars.values())
     total_weight = sum(weights.values())
     share = {s: w / total_weight for s, w in weights.items()}
     total = cfg.total_chars if cfg.total_chars is not None else sum(chars.values())
@@ -511,12 +525,7 @@ def _source_stats(cfg, jobs, file_stats, split_counts, removed) -> dict[str, dic
     for name in cfg.sources:
         stats[name] = {
             "files": 0,
-            "records": 0,
-            "bad_records": 0,
-            "bad_files": 0,
-            "truncated_files": 0,
-            "skipped_status": 0,
-            "skipped_non_html": 0,
+            **dict.fromkeys(COUNTED, 0),
             "bytes_in": 0,
             "after_filter": 0,
             "dropped": Counter(),
@@ -531,7 +540,7 @@ def _source_stats(cfg, jobs, file_stats, split_counts, removed) -> dict[str, dic
     for job, fs, sc in zip(jobs, file_stats, split_counts, strict=True):
         s = stats[job.source]
         s["files"] += 1
-        for key in ("records", "bad_records", "bad_files", "truncated_files", "skipped_status", "skipped_non_html"):
+        for key in COUNTED:
             s[key] += fs["counts"].get(key, 0)
         s["bytes_in"] += fs["bytes_in"]
         s["after_filter"] += fs["kept"]

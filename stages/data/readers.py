@@ -10,6 +10,7 @@ installed and chosen) after charset detection; non-200 and non-HTML responses ar
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import io
 import json
 from collections import Counter
@@ -194,7 +195,11 @@ def read_documents(
         compression = "detect" if source_type == "jsonl" else None
         with fs.open_input_stream(inner, compression=compression) as stream:
             if source_type == "warc":
-                yield from read_warc(stream, counts, extractor)
+                # Decompress with Python's gzip (multi-member aware) rather than warcio's reader, which takes a
+                # truncated member for a clean end of file: here truncation raises and is counted.
+                buffered = io.BufferedReader(stream)
+                is_gzip = buffered.peek(2)[:2] == b"\x1f\x8b"
+                yield from read_warc(gzip.GzipFile(fileobj=buffered) if is_gzip else buffered, counts, extractor)
             elif source_type == "jsonl":
                 yield from read_jsonl(io.BufferedReader(stream), counts, text_field, url_field)  # adds readline
             else:
