@@ -74,7 +74,11 @@ def _start_run(args: argparse.Namespace, specs: list, dag: DAG, overrides: list[
             "argv": sys.argv[1:],
         }
     )
-    return run_id, runner.execute(plans)
+    ok = runner.execute(plans)
+    print()
+    print_status(store, run_id)
+    print(f"artifacts: {store.uri}   (gptline ls, gptline show STAGE/VERSION)")
+    return run_id, ok
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -107,7 +111,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     plans = runner.plan()
     print(f"resuming run {args.run_id}:")
     print(_table([[p.stage, p.version, p.action] for p in plans], ["stage", "version", "action"]))
-    return 0 if runner.execute(plans) else 1
+    ok = runner.execute(plans)
+    print()
+    print_status(store, args.run_id)
+    return 0 if ok else 1
 
 
 def _duration(node: dict[str, Any]) -> str:
@@ -137,7 +144,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs in {store.uri}")
         return 0
-    run_id = args.run_id or runs[-1]
+    print_status(store, args.run_id or runs[-1])
+    return 0
+
+
+def print_status(store: Store, run_id: str) -> None:
     record = RunRecord(store, run_id, Path("."))
     meta = record.meta()
     status = meta.get("status", "?")
@@ -152,7 +163,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             state += f": {node['error']}"
         rows.append([stage, version, state, _duration(node), _metrics(node)])
     print(_table(rows, ["stage", "version", "state", "duration", "metrics"]))
-    return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

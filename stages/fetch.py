@@ -16,6 +16,7 @@ requests) records each request and response with warcio into a gzipped WARC, the
 from __future__ import annotations
 
 import bz2
+import contextlib
 import fnmatch
 import hashlib
 import io
@@ -79,11 +80,13 @@ class CrawlConfig:
     delay_s: float = 0.0  # between requests; the server is our own local pydoc
     seeds: list[str] = field(default_factory=lambda: ["/"])
     user_agent: str = "gptline-crawler/0.1"
+    pages_per_warc: int = 50  # Common Crawl splits a crawl into many WARC files; readers fan out per file
     timeout_s: float = 30.0
 
     def validate(self) -> list[tuple[str, str]]:
-        if self.max_pages < 1:
-            return [("max_pages", f"must be >= 1, got {self.max_pages}")]
+        for key in ("max_pages", "pages_per_warc"):
+            if getattr(self, key) < 1:
+                return [(key, f"must be >= 1, got {getattr(self, key)}")]
         return [] if self.delay_s >= 0 else [("delay_s", "must be >= 0")]
 
 
@@ -213,8 +216,9 @@ class _Links(HTMLParser):
             self.links += [value for name, value in attrs if name == "href" and value]
 
 
-def crawl(base_url: str, cfg: CrawlConfig, warc_path: Path) -> dict[str, int]:
-    """Breadth-first, same host, robots.txt obeyed; every fetched page is a WARC request + response pair."""
+def crawl(base_url: str, cfg: CrawlConfig, out: Path) -> dict[str, int]:
+    """Breadth-first, same host, robots.txt obeyed; every fetched page is a WARC request + response pair, in
+    files of `pages_per_warc` pages (crawl-00000.warc.gz, ...)."""
     host = urllib.parse.urlsplit(base_url).netloc
     robots = urllib.robotparser.RobotFileParser(urllib.parse.urljoin(base_url, "/robots.txt"))
     try:
@@ -223,13 +227,17 @@ def crawl(base_url: str, cfg: CrawlConfig, warc_path: Path) -> dict[str, int]:
         robots.allow_all = True
     queue = deque((urllib.parse.urljoin(base_url, seed), 0) for seed in cfg.seeds)
     seen = {url for url, _ in queue}
-    counts = {"fetched": 0, "errors": 0, "disallowed": 0}
-    with open(warc_path, "wb") as f:
-        writer = WARCWriter(f, gzip=True)
-        writer.write_record(
-            writer.create_warcinfo_record(warc_path.name, {"software": "gptline fetch", "format": "WARC/1.1"})
-        )
+    counts = {"fetched": 0, "errors": 0, "disallowed": 0, "warc_files": 0}
+    with contextlib.ExitStack() as files:
+        writer = None
         while queue and counts["fetched"] < cfg.max_pages:
+            if counts["fetched"] % cfg.pages_per_warc == 0 and (writer is None or counts["fetched"]):
+                name = f"crawl-{counts['warc_files']:05d}.warc.gz"
+                writer = WARCWriter(files.enter_context(open(out / name, "wb")), gzip=True)
+                writer.write_record(
+                    writer.create_warcinfo_record(name, {"software": "gptline fetch", "format": "WARC/1.1"})
+                )
+                counts["warc_files"] += 1
             url, depth = queue.popleft()
             if not robots.can_fetch(cfg.user_agent, url):
                 counts["disallowed"] += 1
@@ -274,7 +282,7 @@ def _free_port() -> int:
 
 
 def crawl_pydoc(cfg: CrawlConfig, out: Path) -> dict[str, int]:
-    """Serve pydoc on a free local port, crawl it into out/crawl.warc.gz, stop the server."""
+    """Serve pydoc on a free local port, crawl it into WARC files in `out`, stop the server."""
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "pydoc", "-n", "127.0.0.1", "-p", str(port)],
@@ -293,7 +301,7 @@ def crawl_pydoc(cfg: CrawlConfig, out: Path) -> dict[str, int]:
                 if time.time() > deadline or server.poll() is not None:
                     raise GptlineError("fetch.crawl: the local pydoc server did not start") from None
                 time.sleep(0.2)
-        return crawl(base, cfg, out / "crawl.warc.gz")
+        return crawl(base, cfg, out)
     finally:
         server.terminate()
         server.wait(timeout=10)

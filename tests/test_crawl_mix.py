@@ -205,3 +205,30 @@ def test_same_inputs_and_seed_give_byte_identical_shards(tmp_path):
     assert len(outputs[0]) > 4 and outputs[0] == outputs[1]
     _, other = crawl_mix(tmp_path / "reseeded", sources, shard_max_chars=20_000, seed=1)
     assert {p.relative_to(other): p.read_bytes() for p in sorted(other.rglob("*.parquet"))} != outputs[0]
+
+
+def test_under_the_runner_the_fan_out_runs_as_ray_tasks_and_matches_a_standalone_run(tmp_path, ray_session):
+    """The real registry (fetch=none, crawl_mix) through the CLI on Ray gives the same shards as the plain call."""
+    from pipeline.artifacts import Store
+    from pipeline.cli import main
+
+    write_jsonl(tmp_path / "docs.jsonl", random_docs(np.random.default_rng(11), 200, (50, 300)))
+    sources = {
+        "web": {"type": "warc", "paths": [str(needs(WARC_DIR / "dolma-sample-0000.warc.gz"))], "weight": 0.5},
+        "docs": {"type": "jsonl", "paths": [str(tmp_path / "docs.jsonl")], "weight": 0.5, "rules": []},
+    }
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    root = {"defaults": ["gptline_schema", {"cluster": "local"}, {"tracking": "offline"}, {"fetch": "none"}, "_self_"]}
+    (conf / "config.yaml").write_text(json.dumps({**root, "data": {"sources": sources, "dedup": {"partitions": 3}}}))
+    store = tmp_path / "store"
+    args = ["run", "--config-dir", str(conf), f"store.root={store}", "tracking=disabled"]
+    assert main(args) == 0
+    [artifact] = Store(str(store)).list("crawl_mix")
+    assert artifact.manifest["metrics"]["train_docs"] > 0
+    assert artifact.inputs.keys() == {"fetch"}
+    _, standalone = crawl_mix(tmp_path / "standalone", sources, dedup={"partitions": 3})
+    shards = {p.relative_to(standalone): p.read_bytes() for p in standalone.rglob("*.parquet")}
+    committed = Path(artifact.path)
+    assert shards and {p.relative_to(committed): p.read_bytes() for p in committed.rglob("*.parquet")} == shards
+    assert not (committed / "_work").exists()

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import numpy as np
 import xxhash
 
+from stages.data.filters import ngram_hashes
+
 MERSENNE_61 = np.uint64((1 << 61) - 1)
 MAX_HASH_32 = np.uint64(0xFFFFFFFF)
 _PUNCT_RE = re.compile(r"[^\w\s]", re.UNICODE)
@@ -54,15 +56,16 @@ class MinHasher:
         self.b = rng.integers(0, 1 << 32, size=permutations, dtype=np.uint64)
 
     def shingles(self, text: str) -> np.ndarray:
+        """32-bit hashes of the distinct word n-grams (the whole text when it is shorter than n words)."""
         words = normalize(text).split()
-        n = self.shingle_words
-        if len(words) < n:
-            grams = [" ".join(words)] if words else []
-        else:
-            grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
-        return np.fromiter(
-            (xxhash.xxh32_intdigest(g.encode()) for g in set(grams)), dtype=np.uint64, count=len(set(grams))
+        if not words:
+            return np.empty(0, dtype=np.uint64)
+        cache: dict[str, int] = {}
+        hashed = np.fromiter(
+            (cache.setdefault(w, xxhash.xxh64_intdigest(w.encode())) for w in words), dtype=np.uint64, count=len(words)
         )
+        grams = ngram_hashes(hashed, min(self.shingle_words, len(words)))
+        return np.unique(grams & MAX_HASH_32)
 
     def signature(self, text: str) -> np.ndarray:
         hashes = self.shingles(text)

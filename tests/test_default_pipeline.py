@@ -1,0 +1,32 @@
+"""The default pipeline as `make run` runs it (slow group): registry downloads, the pydoc crawl, crawl-mix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.artifacts import Store
+
+
+@pytest.mark.slow
+def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_session, capsys):
+    from pipeline.cli import main
+
+    store = tmp_path / "store"
+    assert main(["run", f"store.root={store}", "tracking=disabled"]) == 0
+    out = capsys.readouterr().out
+    assert "crawl_mix" in out and "done" in out
+    [fetch] = Store(str(store)).list("fetch")
+    sources = json.loads((Path(fetch.path) / "sources.json").read_text())
+    assert set(sources["archives"]) == {"wikipedia", "books", "code_requests", "code_click", "qa"}
+    assert sources["crawl"]["fetched"] >= 100
+    [corpus] = Store(str(store)).list("crawl_mix")
+    stats = json.loads((Path(corpus.path) / "stats.json").read_text())
+    assert set(stats["sources"]) == {"web", "wikipedia", "books", "code", "qa"}
+    assert stats["totals"]["max_mixture_error_pp"] < 2
+    assert all(s["mixed_docs"] > 0 for s in stats["sources"].values())
+    train = pq.read_table(str(Path(corpus.path) / "train"))
+    assert train.num_rows == stats["totals"]["train_docs"] and train.num_rows > 100
