@@ -1,12 +1,12 @@
 """The recipe's stages, registered in pipeline order.
 
 Each stage module defines a config dataclass, a VERSION and a `run(cfg, inputs, out_dir, ctx)` function; this
-registry is what `gptline run` executes. Stages join as they land (tokenize, pretrain, sft, rm, ppo and evaluate
-are still to come).
+registry is what `gptline run` executes. Stages join as they land (pretrain, sft, rm, ppo and evaluate are still to
+come).
 """
 
 from pipeline.dag import StageResources, StageSpec
-from stages import crawl_mix, fetch
+from stages import crawl_mix, fetch, tokenize, tokenizer
 
 REGISTRY: list[StageSpec] = [
     StageSpec("fetch", fetch.run, fetch.FetchConfig, version=fetch.VERSION),
@@ -17,6 +17,23 @@ REGISTRY: list[StageSpec] = [
         inputs=("fetch",),
         config_key="data",
         version=crawl_mix.VERSION,
+        resources=StageResources(num_workers=2, cpus_per_worker=1.0),
+        starts_workers=True,
+    ),
+    StageSpec(
+        "tokenizer",
+        tokenizer.run,
+        tokenizer.TokenizerConfig,
+        inputs=("crawl_mix",),
+        version=tokenizer.VERSION,
+        resources=StageResources(num_cpus=2.0),  # sentencepiece trains with this many threads
+    ),
+    StageSpec(
+        "tokenize",
+        tokenize.run,
+        tokenize.TokenizeConfig,
+        inputs=("crawl_mix", "tokenizer"),
+        version=tokenize.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
     ),

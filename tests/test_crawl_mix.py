@@ -232,3 +232,21 @@ def test_under_the_runner_the_fan_out_runs_as_ray_tasks_and_matches_a_standalone
     committed = Path(artifact.path)
     assert shards and {p.relative_to(committed): p.read_bytes() for p in committed.rglob("*.parquet")} == shards
     assert not (committed / "_work").exists()
+
+
+def test_llama_mixture_config_encodes_the_paper_proportions():
+    from pipeline.config import DEFAULT_CONFIG_DIR, compose_config
+    from stages import REGISTRY
+
+    config = compose_config(REGISTRY, ["data=llama", "fetch=none"], DEFAULT_CONFIG_DIR)
+    weights = {name: source["weight"] for name, source in config["data"]["sources"].items()}
+    assert weights == {
+        "commoncrawl": 0.670,
+        "c4": 0.150,
+        "github": 0.045,
+        "wikipedia": 0.045,
+        "books": 0.045,
+        "arxiv": 0.025,
+        "stackexchange": 0.020,
+    }
+    assert config["fetch"]["archives"] == {} and not config["fetch"]["crawl"]["enabled"]

@@ -1,0 +1,143 @@
+"""Packed training rows from memory-mapped token shards, split across data-parallel ranks, resumable exactly.
+
+The shards of a split are one logical token stream (documents already separated by end-of-text). Row i holds the
+inputs at positions [i*T, i*T + T) and the targets at the same positions + 1, so every position 0..N-2 is an input
+exactly once per epoch; the last row may be short and is padded (pad inputs, `ignore_index` targets). Each epoch
+visits the rows in a permutation fixed by (seed, epoch). Step k of the epoch takes the k-th block of W*B rows of
+that order, and rank r takes its r-th slice of B rows: ranks never overlap and, together, leave no gap; when the
+row count is not a multiple of W*B the last step is completed with empty rows (all targets ignored) so every rank
+takes the same number of steps.
+
+The position is (epoch, step); `state_dict()` / `load_state_dict()` carry it, so a restored loader yields exactly
+what the uninterrupted one would have, on any world size with the same global batch W*B.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import GptlineError
+
+TOKENS_SUFFIX = ".tokens.arrow"
+IGNORE_INDEX = -100
+
+
+class TokenStream:
+    """All token shards of a directory, memory-mapped and addressed as one array (no copy until sliced)."""
+
+    def __init__(self, directory: Path):
+        paths = sorted(Path(directory).glob("*" + TOKENS_SUFFIX))
+        if not paths:
+            raise GptlineError(f"{directory}: no token shards (*{TOKENS_SUFFIX})")
+        self.arrays = []
+        for path in paths:
+            column = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all().column("tokens")
+            self.arrays.append(column.combine_chunks().to_numpy(zero_copy_only=True) if column.num_chunks != 1
+                               else column.chunk(0).to_numpy(zero_copy_only=True))  # fmt: skip
+        self.paths = paths
+        self.offsets = np.concatenate([[0], np.cumsum([len(a) for a in self.arrays])])
+        self.total = int(self.offsets[-1])
+
+    def max_token(self) -> int:
+        return max((int(a.max()) for a in self.arrays if len(a)), default=-1)
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the stream, across shard boundaries."""
+        out = np.empty(max(0, stop - start), dtype=np.int64)
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        written, shard = 0, first
+        while written < len(out):
+            lo = start + written - self.offsets[shard]
+            piece = self.arrays[shard][lo : lo + len(out) - written]
+            out[written : written + len(piece)] = piece
+            written += len(piece)
+            shard += 1
+        return out
+
+
+class PackedLoader:
+    def __init__(
+        self,
+        stream: TokenStream,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        pad_id: int = 0,
+        shuffle: bool = True,
+    ):
+        if not 0 <= rank < world_size:
+            raise GptlineError(f"rank {rank} is not in a world of {world_size}")
+        self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
+        self.rank, self.world_size, self.seed, self.pad_id, self.shuffle = rank, world_size, seed, pad_id, shuffle
+        self.num_rows = math.ceil(max(0, stream.total - 1) / seq_len)
+        self.global_rows = batch_size * world_size
+        if self.num_rows < self.global_rows:
+            raise GptlineError(
+                f"{len(stream.paths)} token shard(s) hold {stream.total} tokens = {self.num_rows} rows of {seq_len}; "
+                f"a global batch of {world_size} ranks x {batch_size} rows needs at least {self.global_rows}"
+            )
+        self.steps_per_epoch = math.ceil(self.num_rows / self.global_rows)
+        self.epoch, self.step = 0, 0
+        self._order_epoch, self._order = -1, np.empty(0, np.int64)
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows) if self.shuffle
+                     else np.arange(self.num_rows))  # fmt: skip
+            padding = self.steps_per_epoch * self.global_rows - self.num_rows
+            self._order, self._order_epoch = np.concatenate([order, np.full(padding, -1)]), self.epoch
+        return self._order
+
+    def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        inputs = np.full(self.seq_len, self.pad_id, dtype=np.int64)
+        targets = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
+        if index >= 0:
+            start = index * self.seq_len
+            window = self.stream.slice(start, min(start + self.seq_len + 1, self.stream.total))
+            inputs[: len(window) - 1] = window[:-1]
+            targets[: len(window) - 1] = window[1:]
+        return inputs, targets
+
+    def rows_for(self, epoch: int, step: int, rank: int) -> np.ndarray:
+        """Row indices (-1: empty) that `rank` takes at (epoch, step)."""
+        saved = self.epoch
+        self.epoch = epoch
+        order = self._epoch_order()
+        self.epoch = saved
+        first = step * self.global_rows + rank * self.batch_size
+        return order[first : first + self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next (inputs, targets) batch of shape (B, T), forever (epochs follow each other)."""
+        if self.step >= self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        rows = [self.row(int(i)) for i in self.rows_for(self.epoch, self.step, self.rank)]
+        self.step += 1
+        return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+    def epoch_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The rest of the current epoch (evaluation: one pass, in order when shuffle is off)."""
+        while self.step < self.steps_per_epoch:
+            yield next(self)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "seq_len": self.seq_len,
+                "global_rows": self.global_rows, "num_rows": self.num_rows}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("seed", "seq_len", "global_rows", "num_rows"):
+            if state[key] != getattr(self, key):
+                raise GptlineError(
+                    f"cannot resume the data loader: saved {key}={state[key]}, this run has {getattr(self, key)}"
+                )
+        self.epoch, self.step = state["epoch"], state["step"]
