@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ TOTAL = 10_007  # tokens; each token's value is its position, so a batch says ex
 @pytest.fixture
 def stream(tmp_path: Path) -> TokenStream:
     bounds = [0, 3_001, 3_002, 7_500, TOTAL]  # uneven shards, one of a single token
-    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         _write_ipc(pa.table({"tokens": pa.array(np.arange(lo, hi, dtype=np.uint16))}), tmp_path / f"s{i}.tokens.arrow")
     return TokenStream(tmp_path)
 
