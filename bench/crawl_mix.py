@@ -1,6 +1,6 @@
 """Benchmark crawl-mix: documents/s and MB/s per phase, and the speed-up of 2 Ray workers over 1, side by side.
 
-    python bench/crawl_mix.py [--store store] [--repeats 3]
+    python -m bench.crawl_mix [--store store] [--repeats 3]
 
 Input: the default corpus (the `fetch` stage's artifact in the store; built first with `gptline run --until fetch`
 when absent). Both configurations run the real stage function on the same input, alternating, each with its

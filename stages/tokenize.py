@@ -9,6 +9,8 @@ Layout: `train/<shard>.tokens.arrow`, `train/<shard>.index.arrow`, the same unde
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 from collections import Counter
@@ -53,16 +55,20 @@ def encode_shard(job: ShardJob) -> dict[str, Any]:
     """Encode one Parquet shard; idempotent (an existing output is read back for its counts)."""
     tokens_path, index_path = Path(job.target + TOKENS_SUFFIX), Path(job.target + INDEX_SUFFIX)
     if not (tokens_path.exists() and index_path.exists()):
-        sp = spm.SentencePieceProcessor(model_file=job.tokenizer)
-        table = pq.read_table(job.source, columns=["text", "source"])
+        sp = _processor(job.tokenizer)
+        table = pq.ParquetFile(job.source).read(columns=["text", "source"])
         texts, sources = table.column("text").to_pylist(), table.column("source").to_pylist()
-        pieces: list[np.ndarray] = []
+        encoded: list[list[int]] = []
         for start in range(0, len(texts), job.batch_docs):
-            for ids in sp.encode(texts[start : start + job.batch_docs]):
-                pieces.append(np.array([*ids, job.end_of_text], dtype=job.dtype))
-        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(pieces) else np.empty(0, np.int64)
-        flat = np.concatenate(pieces) if pieces else np.empty(0, dtype=job.dtype)
+            # One thread: the stage's parallelism is one task per CPU, not threads inside a task.
+            encoded += sp.encode(texts[start : start + job.batch_docs], num_threads=1)
+        lengths = np.array([len(ids) + 1 for ids in encoded], dtype=np.int64)  # + end-of-text
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if encoded else np.empty(0, np.int64)
+        flat = np.fromiter(
+            itertools.chain.from_iterable(itertools.chain(ids, (job.end_of_text,)) for ids in encoded),
+            dtype=job.dtype,
+            count=int(lengths.sum()),
+        )
         _write_ipc(pa.table({"tokens": pa.array(flat)}), tokens_path)
         index = pa.table({"start": starts, "length": lengths, "source": pa.array(sources, pa.string())})
         _write_ipc(index, index_path)
@@ -71,6 +77,12 @@ def encode_shard(job: ShardJob) -> dict[str, Any]:
     for source, length in zip(index.column("source").to_pylist(), index.column("length").to_pylist(), strict=True):
         per_source[source] += length
     return {"documents": index.num_rows, "tokens": sum(per_source.values()), "per_source": dict(per_source)}
+
+
+@functools.cache
+def _processor(model_file: str) -> spm.SentencePieceProcessor:
+    """One loaded model per worker process, reused by every shard it encodes."""
+    return spm.SentencePieceProcessor(model_file=model_file)
 
 
 def _write_ipc(table: pa.Table, path: Path) -> None:

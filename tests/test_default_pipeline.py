@@ -30,3 +30,21 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_ses
     assert all(s["mixed_docs"] > 0 for s in stats["sources"].values())
     train = pq.read_table(str(Path(corpus.path) / "train"))
     assert train.num_rows == stats["totals"]["train_docs"] and train.num_rows > 100
+
+    # tokenizer: lossless on every document of the default corpus, and the Hugging Face export agrees on ids.
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    [tok] = Store(str(store)).list("tokenizer")
+    sp = spm.SentencePieceProcessor(model_file=str(Path(tok.path) / "tokenizer.model"))
+    hf = AutoTokenizer.from_pretrained(tok.path)
+    documents = (
+        train.column("text").to_pylist()
+        + pq.read_table(str(Path(corpus.path) / "validation")).column("text").to_pylist()
+    )
+    ids = sp.encode(documents)
+    assert [sp.decode(i) for i in ids] == documents
+    assert [hf.encode(d, add_special_tokens=False) for d in documents] == ids
+    [tokens] = Store(str(store)).list("tokenize")
+    summary = json.loads((Path(tokens.path) / "tokens.json").read_text())
+    assert summary["train"]["tokens"] == sum(len(i) + 1 for i in ids[: train.num_rows])
