@@ -35,6 +35,12 @@ INDEX_SUFFIX = ".index.arrow"
 @dataclass
 class TokenizeConfig:
     batch_docs: int = 256  # documents encoded per sentencepiece call
+    task_bytes: int = 1_000_000  # corpus shards are grouped into tasks of about this many (compressed) bytes
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.batch_docs < 1 or self.task_bytes < 1:
+            return [("batch_docs", "batch_docs and task_bytes must be >= 1")]
+        return []
 
 
 @dataclass
@@ -85,6 +91,23 @@ def _processor(model_file: str) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=model_file)
 
 
+def encode_shards(jobs: list[ShardJob]) -> list[dict[str, Any]]:
+    """One task's worth of shards (small shards are grouped so task overhead stays small)."""
+    return [encode_shard(job) for job in jobs]
+
+
+def group_by_size(jobs: list[ShardJob], task_bytes: int) -> list[list[ShardJob]]:
+    groups: list[list[ShardJob]] = [[]]
+    size = 0
+    for job in jobs:
+        if groups[-1] and size >= task_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += os.path.getsize(job.source)
+    return [g for g in groups if g]
+
+
 def _write_ipc(table: pa.Table, path: Path) -> None:
     """One record batch per file (contiguous buffers to memory-map), written under a temporary name."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +133,8 @@ def run(cfg: TokenizeConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
                                  meta["special_ids"]["end_of_text"], dtype, cfg.batch_docs))  # fmt: skip
     if not any(Path(j.source).parent.name == "train" for j in jobs):
         raise GptlineError(f"{corpus / 'train'}: no Parquet shards to tokenize")
-    results = ctx.map(encode_shard, jobs, desc="encode")
+    grouped = ctx.map(encode_shards, group_by_size(jobs, cfg.task_bytes), desc="encode")
+    results = [result for group in grouped for result in group]
     summary: dict[str, Any] = {
         "vocab_size": meta["vocab_size"],
         "dtype": dtype,
