@@ -1,12 +1,11 @@
 """The recipe's stages, registered in pipeline order.
 
 Each stage module defines a config dataclass, a VERSION and a `run(cfg, inputs, out_dir, ctx)` function; this
-registry is what `gptline run` executes. Stages join as they land (pretrain, sft, rm, ppo and evaluate are still to
-come).
+registry is what `gptline run` executes. Stages join as they land (sft, rm, ppo and evaluate are still to come).
 """
 
 from pipeline.dag import StageResources, StageSpec
-from stages import crawl_mix, fetch, tokenize, tokenizer
+from stages import crawl_mix, fetch, pretrain, tokenize, tokenizer
 
 REGISTRY: list[StageSpec] = [
     StageSpec("fetch", fetch.run, fetch.FetchConfig, version=fetch.VERSION),
@@ -34,6 +33,15 @@ REGISTRY: list[StageSpec] = [
         tokenize.TokenizeConfig,
         inputs=("crawl_mix", "tokenizer"),
         version=tokenize.VERSION,
+        resources=StageResources(num_workers=2, cpus_per_worker=1.0),
+        starts_workers=True,
+    ),
+    StageSpec(
+        "pretrain",
+        pretrain.run,
+        pretrain.PretrainConfig,
+        inputs=("tokenizer", "tokenize"),
+        version=pretrain.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
     ),

@@ -222,7 +222,7 @@ def test_under_the_runner_the_fan_out_runs_as_ray_tasks_and_matches_a_standalone
     root = {"defaults": ["gptline_schema", {"cluster": "local"}, {"tracking": "offline"}, {"fetch": "none"}, "_self_"]}
     (conf / "config.yaml").write_text(json.dumps({**root, "data": {"sources": sources, "dedup": {"partitions": 3}}}))
     store = tmp_path / "store"
-    args = ["run", "--config-dir", str(conf), f"store.root={store}", "tracking=disabled"]
+    args = ["run", "--config-dir", str(conf), f"store.root={store}", "tracking=disabled", "--until", "crawl_mix"]
     assert main(args) == 0
     [artifact] = Store(str(store)).list("crawl_mix")
     assert artifact.manifest["metrics"]["train_docs"] > 0

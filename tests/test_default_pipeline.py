@@ -16,7 +16,7 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_ses
     from pipeline.cli import main
 
     store = tmp_path / "store"
-    assert main(["run", f"store.root={store}", "tracking=disabled"]) == 0
+    assert main(["run", f"store.root={store}", "tracking=disabled", "pretrain.steps=30", "pretrain.eval_every=15"]) == 0
     out = capsys.readouterr().out
     assert "crawl_mix" in out and "done" in out
     [fetch] = Store(str(store)).list("fetch")
@@ -48,3 +48,14 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_ses
     [tokens] = Store(str(store)).list("tokenize")
     summary = json.loads((Path(tokens.path) / "tokens.json").read_text())
     assert summary["train"]["tokens"] == sum(len(i) + 1 for i in ids[: train.num_rows])
+
+    # pretrain: the loss falls, and transformers loads the export and generates from it.
+    from transformers import AutoModelForCausalLM
+
+    [model] = Store(str(store)).list("pretrain")
+    log = [json.loads(line) for line in (Path(model.path) / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31)) and log[-1]["loss"] < log[0]["loss"] - 0.5
+    assert "val_loss" in log[-1] and len(log[-1]["samples"]) == 3
+    llama = AutoModelForCausalLM.from_pretrained(model.path)
+    prompt = hf("The history of", return_tensors="pt").input_ids
+    assert llama.generate(prompt, max_new_tokens=5, do_sample=False).shape[1] == prompt.shape[1] + 5

@@ -1,0 +1,174 @@
+"""What every training stage needs around an unchanged model: DeepSpeed engine setup, the LR schedule, checkpoints
+with exact resume, and FLOP accounting.
+
+Distribution is applied here and only here (the model file knows nothing of it): the process group comes from
+Ray Train (gloo on CPU, nccl on GPU), DeepSpeed wraps the model with ZeRO stage 0-3 (optionally offloading to
+CPU), bf16 where the hardware has it and fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.model.gpt import GPT
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9  # LLaMA's AdamW betas
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.lr <= 0:
+            return [("lr", f"must be > 0, got {self.lr}")]
+        if not 0 <= self.min_lr_ratio <= 1:
+            return [("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")]
+        return [] if self.warmup_steps >= 0 else [("warmup_steps", "must be >= 0")]
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU
+    offload_params: bool = False  # ZeRO-Infinity-style parameter offload (stage 3 only)
+    precision: str = "auto"  # auto: bf16 on a GPU that has it, fp32 otherwise; or bf16 / fp32
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.zero_stage not in (0, 1, 2, 3):
+            return [("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")]
+        if self.offload_params and self.zero_stage != 3:
+            return [("offload_params", "needs zero_stage 3")]
+        return [] if self.precision in ("auto", "bf16", "fp32") else [("precision", "must be auto, bf16 or fp32")]
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def use_bf16(cfg: DeepSpeedConfig) -> bool:
+    if cfg.precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cfg.precision == "bf16"
+
+
+def deepspeed_config(cfg: DeepSpeedConfig, micro_batch: int, grad_accum: int, grad_clip: float) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(cfg)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (and embeddings), not norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def init_deepspeed(model: GPT, optim: OptimConfig, ds: DeepSpeedConfig, micro_batch: int, grad_accum: int):
+    """A DeepSpeed engine over the model, on the process group Ray Train started."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(
+        param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps
+    )
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(ds, micro_batch, grad_accum, optim.grad_clip)
+    )
+    return engine, optimizer
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class Checkpoints:
+    """DeepSpeed checkpoints under `<dir>/step-<n>/`, the newest `keep` kept; `latest` names the last complete one."""
+
+    def __init__(self, directory: Path, keep: int):
+        self.directory, self.keep = directory, keep
+
+    def latest(self) -> str | None:
+        marker = self.directory / "latest"
+        return marker.read_text().strip() if marker.exists() else None
+
+    def save(self, engine, step: int, client_state: dict[str, Any]) -> None:
+        tag = f"step-{step:08d}"
+        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=True)
+        if engine.global_rank == 0:
+            tags = sorted(p.name for p in self.directory.glob("step-*") if p.is_dir())
+            for old in tags[: -self.keep]:
+                shutil.rmtree(self.directory / old, ignore_errors=True)
+
+    def load(self, engine) -> dict[str, Any] | None:
+        tag = self.latest()
+        if tag is None:
+            return None
+        _, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
+        return client_state
+
+
+# ---- FLOPs --------------------------------------------------------------------------------------------------
+def flops_per_token(model: GPT, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights (forward + backward) plus attention's 12·L·d·T (PaLM, app. B)."""
+    cfg = model.cfg
+    return 6 * model.num_params(embeddings=False) + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+def measured_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """This process's fp32 matmul throughput (FLOP/s), best of a few runs: the CPU's practical peak."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
