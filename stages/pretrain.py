@@ -28,9 +28,10 @@ import torch
 
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
+from pipeline.faults import fault_point
 from stages.model.export import export
 from stages.model.generate import SamplingConfig, generate
-from stages.model.gpt import GPT, ModelConfig
+from stages.model.gpt import GPT, IGNORE_INDEX, ModelConfig
 from stages.training.data import PackedLoader, TokenStream
 from stages.training.engine import (
     Checkpoints,
@@ -222,6 +223,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             client = {"step": step, "loader": train.state_dict(), "rng": _gather_rng(world)}
             checkpoints.save(engine, step, client)
+            fault_point(f"pretrain.after_checkpoint_{step}")  # crash tests kill a worker here
     final = {"train_loss": record["loss"], "val_loss": record.get("val_loss"), "steps": step,
              "params": model.num_params(), "tokens_seen": step * tokens_per_step}  # fmt: skip
     _write_final_weights(engine, cfg, model_cfg, out_dir, checkpoints, Path(loop["tokenizer"]), special, rank)
@@ -260,12 +262,12 @@ def _gather_rng(world: int) -> list[dict[str, Any]]:
 @torch.no_grad()
 def _validation_loss(engine, tokens: Path, micro, seq_len, rank, world, cfg, special) -> float:
     validation = PackedLoader(TokenStream(tokens / "validation"), micro, seq_len, rank, world, cfg.seed,
-                              special["pad"], shuffle=False)  # fmt: skip
+                              special["pad"], shuffle=False, require_full_batch=False)  # fmt: skip
     engine.eval()
     total = torch.zeros(2)
     for _, (inputs, targets) in zip(range(cfg.eval_batches), validation.epoch_batches(), strict=False):
         _, loss = engine(torch.from_numpy(inputs).to(engine.device), torch.from_numpy(targets).to(engine.device))
-        valid = float((torch.from_numpy(targets) != -100).sum())
+        valid = float((targets != IGNORE_INDEX).sum())
         total += torch.tensor([float(loss) * valid, valid])
     engine.train()
     if torch.distributed.is_initialized():

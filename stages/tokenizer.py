@@ -138,9 +138,14 @@ def train(cfg: TokenizerConfig, sample: Path, prefix: Path, threads: int) -> spm
         )
     except RuntimeError as e:
         message = str(e).split("\n")[0]
-        if "Vocabulary size" in message or "vocab_size" in message:
+        if "Vocabulary size is too high" in message:
             raise GptlineError(
                 f"tokenizer.vocab_size={cfg.vocab_size} is more than the training text supports: {message}"
+            ) from e
+        if "Vocabulary size is smaller than required" in message:
+            raise GptlineError(
+                f"tokenizer.vocab_size={cfg.vocab_size} is too small for the characters, byte pieces and special "
+                f"tokens it must hold: {message}"
             ) from e
         raise GptlineError(f"sentencepiece training failed on {sample}: {message}") from e
     return spm.SentencePieceProcessor(model_file=f"{prefix}.model")

@@ -211,8 +211,12 @@ class GPT(nn.Module):
             cache.length += t
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        flat = targets.reshape(-1)
+        total = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), flat, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        # Mean over real targets; a batch of padding only (the end of an epoch) gives 0, not NaN.
+        return logits, total / (flat != IGNORE_INDEX).sum().clamp(min=1)
 
     @staticmethod
     def _mask(attention_mask: torch.Tensor | None, b: int, t: int, start: int, device) -> torch.Tensor:

@@ -71,6 +71,7 @@ class PackedLoader:
         seed: int = 0,
         pad_id: int = 0,
         shuffle: bool = True,
+        require_full_batch: bool = True,  # evaluation passes False: a small split is padded with empty rows
     ):
         if not 0 <= rank < world_size:
             raise GptlineError(f"rank {rank} is not in a world of {world_size}")
@@ -78,12 +79,12 @@ class PackedLoader:
         self.rank, self.world_size, self.seed, self.pad_id, self.shuffle = rank, world_size, seed, pad_id, shuffle
         self.num_rows = math.ceil(max(0, stream.total - 1) / seq_len)
         self.global_rows = batch_size * world_size
-        if self.num_rows < self.global_rows:
+        if require_full_batch and self.num_rows < self.global_rows:
             raise GptlineError(
                 f"{len(stream.paths)} token shard(s) hold {stream.total} tokens = {self.num_rows} rows of {seq_len}; "
                 f"a global batch of {world_size} ranks x {batch_size} rows needs at least {self.global_rows}"
             )
-        self.steps_per_epoch = math.ceil(self.num_rows / self.global_rows)
+        self.steps_per_epoch = max(1, math.ceil(self.num_rows / self.global_rows))
         self.epoch, self.step = 0, 0
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
 

@@ -1,0 +1,101 @@
+"""pretrain on a real Ray Train worker group with DeepSpeed on CPU: input checks, exact resume after a killed worker,
+ZeRO-2 and ZeRO-3 across two workers against one worker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import typed
+from pipeline.dag import StageContext, StageResources
+from pipeline.errors import GptlineError
+from stages import pretrain, tokenize, tokenizer
+from tests.test_tokenizer import corpus, shakespeare_docs
+
+SMALL = {
+    "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 32, "multiple_of": 32},
+    "steps": 8,
+    "batch_size": 8,
+    "eval_every": 4,
+    "eval_batches": 2,
+    "sample_every": 8,
+    "sample_tokens": 8,
+    "checkpoint_every": 4,
+    "optim": {"lr": 3e-3, "warmup_steps": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("pretrain-inputs")
+    docs = shakespeare_docs()[:600]
+    source = corpus(tmp, docs)
+    tok_dir, tokens_dir = tmp / "tokenizer", tmp / "tokenize"
+    tok_dir.mkdir()
+    tokens_dir.mkdir()
+    tokenizer.run(
+        typed(tokenizer.TokenizerConfig, {"vocab_size": 512}), {"crawl_mix": source}, tok_dir, StageContext("t")
+    )
+    tokenize.run(
+        typed(tokenize.TokenizeConfig, {}), {"crawl_mix": source, "tokenizer": tok_dir}, tokens_dir, StageContext("t")
+    )
+    return {"tokenizer": tok_dir, "tokenize": tokens_dir}
+
+
+def train(inputs, out: Path, workers: int, **overrides) -> dict:
+    out.mkdir(parents=True)
+    cfg = typed(pretrain.PretrainConfig, {**SMALL, **overrides})
+    ctx = StageContext("pretrain", resources=StageResources(num_workers=workers), quiet=True)
+    return pretrain.run(cfg, inputs, out, ctx)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_bad_inputs_fail_before_training(inputs, tmp_path):
+    with pytest.raises(GptlineError, match="pretrain.seq_len=64 is longer than pretrain.model.max_seq_len=32"):
+        pretrain._check_inputs(
+            typed(pretrain.PretrainConfig, {**SMALL, "seq_len": 64}), inputs["tokenize"], inputs["tokenizer"], 1
+        )
+    with pytest.raises(GptlineError, match="batch_size=8 is not divisible by 3 workers"):
+        pretrain._check_inputs(typed(pretrain.PretrainConfig, SMALL), inputs["tokenize"], inputs["tokenizer"], 3)
+    with pytest.raises(GptlineError, match="a global batch of 4 ranks x 20000 rows needs"):
+        pretrain._check_inputs(
+            typed(pretrain.PretrainConfig, {**SMALL, "batch_size": 80000}), inputs["tokenize"], inputs["tokenizer"], 4
+        )
+    small_vocab = tmp_path / "tok"
+    small_vocab.mkdir()
+    meta = json.loads((inputs["tokenizer"] / "tokenizer_meta.json").read_text())
+    (small_vocab / "tokenizer_meta.json").write_text(json.dumps({**meta, "vocab_size": 50}))
+    with pytest.raises(GptlineError, match="outside the tokenizer's vocabulary of 50"):
+        pretrain._check_inputs(typed(pretrain.PretrainConfig, SMALL), inputs["tokenize"], small_vocab, 1)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_from_the_checkpoint_and_reproduces_the_straight_run(inputs, tmp_path, ray_session):
+    straight = train(inputs, tmp_path / "straight", workers=2)
+    (ray_session.fault_dir / "pretrain.after_checkpoint_4").touch()  # one worker dies right after step 4's checkpoint
+    resumed = train(inputs, tmp_path / "resumed", workers=2)
+    assert not (ray_session.fault_dir / "pretrain.after_checkpoint_4").exists()  # the fault fired
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-6
+    assert straight["val_loss"] == pytest.approx(resumed["val_loss"], abs=1e-6)
+    wa, wb = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("straight", "resumed"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_workers_under_zero_match_one_worker(inputs, tmp_path, ray_session, zero_stage):
+    train(inputs, tmp_path / "one", workers=1, steps=4, deepspeed={"zero_stage": 0})
+    train(inputs, tmp_path / "two", workers=2, steps=4, deepspeed={"zero_stage": zero_stage})
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4  # same rows per step; reduction order differs
+    one, two = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
