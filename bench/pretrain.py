@@ -79,7 +79,9 @@ def main() -> None:
     print(f"model: dim {args.dim}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
           f"{ours.num_params() / 1e6:.1f} M parameters; batch {args.batch} x {args.seq}; fp32; {args.threads} threads")  # fmt: skip
     for name in runs:
-        print(f"  {name:<13} {tokens_per_step / median[name]:8.0f} tokens/s  ({median[name] * 1000:.0f} ms/step, median of {args.steps})")
+        print(
+            f"  {name:<13} {tokens_per_step / median[name]:8.0f} tokens/s  ({median[name] * 1000:.0f} ms/step, median of {args.steps})"
+        )
     print(f"ratio ours / transformers: {median['transformers'] / median['ours']:.2f}x (target >= 1.2x)")
     achieved = tokens_per_step * flops_per_token(ours, args.seq) / median["ours"]
     print(f"MFU: {achieved / 1e9:.1f} GFLOP/s of a measured fp32 matmul peak of {peak / 1e9:.1f} GFLOP/s = "

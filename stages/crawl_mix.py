@@ -40,7 +40,7 @@ from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 from stages.data import filters
 from stages.data.dedup import MinHasher, duplicates_to_drop, group_edges, text_key, url_key
-from stages.data.readers import DEFAULT_EXTENSIONS, SOURCE_TYPES, expand_paths, read_documents
+from stages.data.readers import DEFAULT_EXTENSIONS, SOURCE_TYPES, RawDocument, expand_paths, read_documents
 
 VERSION = 1
 DEFAULT_RULES = {
@@ -74,6 +74,7 @@ class SourceConfig:
     url_field: str = "url"
     extensions: list[str] = field(default_factory=list)  # text / code trees; empty = the type's default
     rules: list[str] | None = None  # filter groups; None = the type's default (DEFAULT_RULES)
+    split_on: str = ""  # text type: cut each file into documents at this separator (e.g. blank lines)
 
     def validate(self) -> list[tuple[str, str]]:
         if self.type not in SOURCE_TYPES:
@@ -162,6 +163,7 @@ class FileJob:
     filters: dict[str, Any]
     dedup: dict[str, Any]
     extractor: str
+    split_on: str = ""
 
 
 # ---- phase 1: extract, filter, key --------------------------------------------------------------------------
@@ -203,7 +205,8 @@ def extract_and_filter(job: FileJob) -> dict[str, Any]:
     timings = {"extract": 0.0, "filter": 0.0, "dedup_keys": 0.0}
     bytes_in = chars_out = pii = 0
     start = time.perf_counter()
-    for doc in read_documents(job.path, job.source_type, counts, job.text_field, job.url_field, job.extractor):
+    for doc in _split(read_documents(job.path, job.source_type, counts, job.text_field, job.url_field, job.extractor),
+                      job.split_on):  # fmt: skip
         read_done = time.perf_counter()
         timings["extract"] += read_done - start
         bytes_in += len(doc.text.encode("utf-8", "surrogatepass"))
@@ -254,6 +257,16 @@ def extract_and_filter(job: FileJob) -> dict[str, Any]:
     }
     _write_text_atomically(stats_path, json.dumps(stats))
     return stats
+
+
+def _split(documents, separator: str):
+    """Documents cut at `separator` (numbered by piece); unchanged when it is empty."""
+    for doc in documents:
+        if not separator:
+            yield doc
+            continue
+        for piece_no, piece in enumerate(p for p in doc.text.split(separator) if p.strip()):
+            yield RawDocument(piece, doc.url, doc.record * 1_000_000 + piece_no, doc.extra)
 
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
@@ -437,6 +450,7 @@ def _file_jobs(cfg: CrawlMixConfig, inputs: dict[str, Path], work: Path) -> list
                     filters=filter_cfg,
                     dedup=dedup_cfg,
                     extractor=cfg.extractor,
+                    split_on=source.split_on,
                 )
             )
     return jobs
