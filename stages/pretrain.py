@@ -10,7 +10,9 @@ the same rows at every optimizer step.
 Every `checkpoint_every` steps the DeepSpeed checkpoint (weights, optimizer, the loader position, every RNG state,
 the step) goes to `checkpoints/` inside the stage's partial directory, the last `keep_checkpoints` kept; a
 restarted worker group (Ray Train `max_failures`) or a resumed run continues from the newest one and reproduces the
-uninterrupted run. Every `eval_every` steps: validation loss, sample generations, tokens/s and MFU (6N plus the
+uninterrupted run. A loss guard judges every micro-batch before its backward pass: a non-finite loss or a spike
+is skipped (never applied), and several in a row roll weights and optimizer back to the last checkpoint while the
+data position moves on past the offending batches. Every `eval_every` steps: validation loss, sample generations, tokens/s and MFU (6N plus the
 attention term, against the configured peak or, on CPU, the measured fp32 matmul peak). At the end rank 0 writes
 consolidated fp32 weights (`model.safetensors`, also under ZeRO-3) with a Hugging Face export beside them.
 """
@@ -28,7 +30,7 @@ import torch
 
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
-from pipeline.faults import fault_point
+from pipeline.faults import fault_armed, fault_point
 from stages.model.export import export
 from stages.model.generate import SamplingConfig, generate
 from stages.model.gpt import GPT, IGNORE_INDEX, ModelConfig
@@ -36,6 +38,8 @@ from stages.training.data import PackedLoader, TokenStream
 from stages.training.engine import (
     Checkpoints,
     DeepSpeedConfig,
+    GuardConfig,
+    LossGuard,
     OptimConfig,
     flops_per_token,
     init_deepspeed,
@@ -68,6 +72,7 @@ class PretrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     activation_checkpointing: bool = False
+    guard: GuardConfig = field(default_factory=GuardConfig)
     peak_flops: float = 0.0  # per worker, for MFU; 0: measure the fp32 matmul peak (CPU)
 
     def validate(self) -> list[tuple[str, str]]:
@@ -172,12 +177,14 @@ def train_loop(loop: dict[str, Any]) -> None:
     train = PackedLoader(TokenStream(Path(loop["tokens"]) / "train"), micro, seq_len, rank, world, cfg.seed,
                          special["pad"])  # fmt: skip
     checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints)
+    guard = LossGuard(cfg.guard)
     step = 0
     state = checkpoints.load(engine)
     if state is not None:
         step = state["step"]
         train.load_state_dict(state["loader"])
         set_rng_state(state["rng"][rank])
+        guard.load_state_dict(state["guard"])
     else:
         torch.manual_seed(cfg.seed + 1 + rank)
     log = open(out_dir / LOG, "a") if rank == 0 else None  # noqa: SIM115 (closed at the end)
@@ -189,15 +196,28 @@ def train_loop(loop: dict[str, Any]) -> None:
     started, last = time.perf_counter(), None
     while step < cfg.steps:
         set_lr(optimizer, lr_at(step, cfg.steps, cfg.optim))
-        losses = []
-        for _ in range(cfg.grad_accum):
+        losses: list[float] = []
+        while len(losses) < cfg.grad_accum:
             inputs, targets = next(train)
             _, loss = engine(torch.from_numpy(inputs).to(engine.device), torch.from_numpy(targets).to(engine.device))
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach().float())
+            if fault_armed(f"pretrain.nan_loss_{step + 1}"):  # fault tests inject a NaN here
+                loss = loss * float("nan")
+            mean = _mean_over_ranks(loss.detach().float())
+            reason = guard.judge(mean)
+            if reason is None:
+                engine.backward(loss)
+                engine.step()
+                losses.append(mean)
+                continue
+            # Never applied: no backward, so DeepSpeed's gradients and counters are untouched; the next batch
+            # takes its place.
+            if rank == 0:
+                print(f"[pretrain] step {step + 1}: {reason} loss {mean:.4g}, batch skipped", flush=True)
+            if guard.must_roll_back():
+                step, losses = _roll_back(engine, checkpoints, guard, rank), []
+                set_lr(optimizer, lr_at(step, cfg.steps, cfg.optim))
         step += 1
-        train_loss = _mean_over_ranks(torch.stack(losses).mean())
+        train_loss = sum(losses) / len(losses)
         now = time.perf_counter()
         seconds, last = (now - (last or started)), now
         record: dict[str, Any] = {
@@ -206,6 +226,8 @@ def train_loop(loop: dict[str, Any]) -> None:
             "lr": optimizer.param_groups[0]["lr"],
             "tokens_per_s": tokens_per_step / seconds,
             "mfu": tokens_per_step * flops_token / seconds / (peak * world),
+            "skipped_batches": guard.skipped,
+            "rollbacks": guard.rollbacks,
         }
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record["val_loss"] = _validation_loss(
@@ -221,15 +243,38 @@ def train_loop(loop: dict[str, Any]) -> None:
                 print(f"[pretrain] step {step}/{cfg.steps} loss {train_loss:.4f}{extra} "
                       f"{record['tokens_per_s']:.0f} tok/s mfu {record['mfu']:.1%}", flush=True)  # fmt: skip
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            client = {"step": step, "loader": train.state_dict(), "rng": _gather_rng(world)}
+            client = {
+                "step": step,
+                "loader": train.state_dict(),
+                "rng": _gather_rng(world),
+                "guard": guard.state_dict(),
+            }
             checkpoints.save(engine, step, client)
             fault_point(f"pretrain.after_checkpoint_{step}")  # crash tests kill a worker here
     final = {"train_loss": record["loss"], "val_loss": record.get("val_loss"), "steps": step,
-             "params": model.num_params(), "tokens_seen": step * tokens_per_step}  # fmt: skip
+             "params": model.num_params(), "tokens_seen": step * tokens_per_step,
+             "skipped_batches": guard.skipped, "rollbacks": guard.rollbacks}  # fmt: skip
     _write_final_weights(engine, cfg, model_cfg, out_dir, checkpoints, Path(loop["tokenizer"]), special, rank)
     if log is not None:
         log.close()
         (out_dir / "final.json").write_text(json.dumps(final) + "\n")
+
+
+def _roll_back(engine, checkpoints: Checkpoints, guard: LossGuard, rank: int) -> int:
+    """Weights, optimizer and RNG back to the last checkpoint; the data position stays where it is, so the
+    batches since then (the offending ones among them) are skipped rather than replayed (PaLM's remedy)."""
+    state = checkpoints.load(engine)
+    if state is None:
+        raise GptlineError(
+            f"the loss guard saw {guard.consecutive} bad batches in a row before the first checkpoint; "
+            "lower pretrain.optim.lr or pretrain.checkpoint_every"
+        )
+    set_rng_state(state["rng"][rank])
+    guard.rollbacks += 1
+    guard.consecutive = 0
+    if rank == 0:
+        print(f"[pretrain] rolled back to step {state['step']} (rollback {guard.rollbacks})", flush=True)
+    return state["step"]
 
 
 def _checkpoint_blocks(model: GPT) -> None:

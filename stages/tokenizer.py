@@ -138,7 +138,7 @@ def train(cfg: TokenizerConfig, sample: Path, prefix: Path, threads: int) -> spm
         )
     except RuntimeError as e:
         message = str(e).split("\n")[0]
-        if "Vocabulary size is too high" in message:
+        if "Vocabulary size too high" in message or "Vocabulary size is too high" in message:
             raise GptlineError(
                 f"tokenizer.vocab_size={cfg.vocab_size} is more than the training text supports: {message}"
             ) from e

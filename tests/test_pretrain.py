@@ -4,6 +4,7 @@ ZeRO-2 and ZeRO-3 across two workers against one worker."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,15 @@ def test_two_workers_under_zero_match_one_worker(inputs, tmp_path, ray_session, 
     one, two = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "two"))
     assert one.keys() == two.keys()
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
+
+
+@pytest.mark.slow
+def test_loss_guard_skips_a_nan_and_rolls_back_after_repeated_ones(inputs, tmp_path, ray_session):
+    (ray_session.fault_dir / "pretrain.nan_loss_3").write_text("1")  # one NaN at step 3: skipped
+    (ray_session.fault_dir / "pretrain.nan_loss_6").write_text("2")  # two in a row at step 6: roll back to step 4
+    final = train(inputs, tmp_path / "guarded", workers=1, guard={"max_consecutive": 2})
+    log = [json.loads(line) for line in (tmp_path / "guarded" / "train_log.jsonl").read_text().splitlines()]
+    assert final["skipped_batches"] == 3 and final["rollbacks"] == 1
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # step 5 again after the rollback to 4
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert math.isfinite(final["val_loss"])

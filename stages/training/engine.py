@@ -1,5 +1,5 @@
 """What every training stage needs around an unchanged model: DeepSpeed engine setup, the LR schedule, checkpoints
-with exact resume, and FLOP accounting.
+with exact resume, the loss guard, and FLOP accounting.
 
 Distribution is applied here and only here (the model file knows nothing of it): the process group comes from
 Ray Train (gloo on CPU, nccl on GPU), DeepSpeed wraps the model with ZeRO stage 0-3 (optionally offloading to
@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,56 @@ class Checkpoints:
             return None
         _, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
         return client_state
+
+
+# ---- loss guard -------------------------------------------------------------------------------------------------
+@dataclass
+class GuardConfig:
+    z_score: float = 6.0  # a loss this many standard deviations above the running mean is a spike
+    window: int = 50  # accepted micro-batch losses the mean and deviation are taken over
+    max_consecutive: int = 3  # this many bad micro-batches in a row roll back to the last checkpoint
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.window < 4 or self.z_score <= 0 or self.max_consecutive < 1:
+            return [("window", "needs window >= 4, z_score > 0, max_consecutive >= 1")]
+        return []
+
+
+class LossGuard:
+    """Judges each micro-batch's loss (already averaged over ranks, so every rank decides alike) before its
+    backward pass: a bad one is never applied. Non-finite losses and spikes beyond `z_score` over the window of
+    accepted losses are bad; `max_consecutive` bad ones in a row call for a rollback."""
+
+    def __init__(self, cfg: GuardConfig):
+        self.cfg = cfg
+        self.history: deque[float] = deque(maxlen=cfg.window)
+        self.consecutive = self.skipped = self.rollbacks = 0
+
+    def judge(self, loss: float) -> str | None:
+        reason = None
+        if not math.isfinite(loss):
+            reason = "nonfinite"
+        elif len(self.history) >= self.cfg.window // 2:
+            mean, std = float(np.mean(self.history)), float(np.std(self.history))
+            if loss > mean + self.cfg.z_score * max(std, 1e-3 * abs(mean), 1e-8):
+                reason = "spike"
+        if reason is None:
+            self.history.append(loss)
+            self.consecutive = 0
+        else:
+            self.consecutive += 1
+            self.skipped += 1
+        return reason
+
+    def must_roll_back(self) -> bool:
+        return self.consecutive >= self.cfg.max_consecutive
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "skipped": self.skipped, "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = deque(state["history"], maxlen=self.cfg.window)
+        self.skipped, self.rollbacks = state["skipped"], state["rollbacks"]
 
 
 # ---- FLOPs --------------------------------------------------------------------------------------------------
