@@ -98,3 +98,37 @@ def test_export_load_round_trip_and_config_errors(tmp_path):
 
     with pytest.raises(ConfigError, match="'model.n_kv_heads': must divide n_heads=4"):
         validate(typed(ModelConfig, {"n_heads": 4, "n_kv_heads": 3}), "model.")
+
+
+@pytest.mark.parametrize(
+    ("preset", "billions"), [("llama-7b", 6.7), ("llama-13b", 13.0), ("llama-33b", 32.5), ("llama-65b", 65.2)]
+)
+def test_llama_presets_have_the_papers_sizes(preset, billions):
+    import yaml
+
+    from pipeline.config import DEFAULT_CONFIG_DIR
+
+    values = yaml.safe_load((DEFAULT_CONFIG_DIR / "pretrain" / "model" / f"{preset}.yaml").read_text())
+    cfg = ModelConfig(**values, vocab_size=32000)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.num_params() / 1e9 == pytest.approx(billions, abs=0.1)  # 65B: 65.29e9, as in the released weights
+    if preset == "llama-65b":
+        assert (cfg.n_layers, cfg.n_heads, cfg.dim, cfg.max_seq_len) == (80, 64, 8192, 2048)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    from stages.pretrain import _checkpoint_blocks
+
+    plain, wrapped = tiny(), tiny()
+    _checkpoint_blocks(wrapped)
+    tokens = torch.randint(0, 101, (2, 33), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for model in (plain, wrapped):
+        model.train()
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for (name, a), (_, b) in zip(plain.named_parameters(), wrapped.named_parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
