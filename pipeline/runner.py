@@ -350,7 +350,8 @@ def connect_ray(cluster: dict[str, Any]) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cluster["num_cpus"], include_dashboard=False, **kwargs)
+        # The dashboard (on localhost only) also serves the state API that Ray Train's cleanup monitor polls.
+        ray.init(num_cpus=cluster["num_cpus"], include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     return True
 
 
