@@ -39,7 +39,7 @@ import xxhash
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 from stages.data import filters
-from stages.data.dedup import MinHasher, duplicates_to_drop, group_edges, text_key, url_key
+from stages.data.dedup import MinHasher, duplicates_to_drop, group_edges, text_key, unit_hash, url_key
 from stages.data.readers import DEFAULT_EXTENSIONS, SOURCE_TYPES, RawDocument, expand_paths, read_documents
 
 VERSION = 1
@@ -61,7 +61,6 @@ COUNTED = (
     "skipped_non_html",
 )
 ROW_BITS = 32  # a document's rank is (file index << 32) | row within that file's phase-1 output
-HASH_SCALE = float(2**64)
 MIX_BINS = 4096
 
 
@@ -339,16 +338,11 @@ class OutputJob:
     shard_max_chars: int = 0
 
 
-def _unit_hash(seed: int, salt: str, doc_ids: list[str]) -> np.ndarray:
-    """A uniform number in [0, 1) per document, fixed by (seed, purpose, id)."""
-    return np.array([xxhash.xxh64_intdigest(f"{salt}\0{i}".encode(), seed=seed) / HASH_SCALE for i in doc_ids])
-
-
 def _survivors(job: OutputJob) -> tuple[pa.Table, np.ndarray]:
     table = pq.read_table(Path(job.work) / "docs" / f"{job.index:06d}.parquet")
     keep = ~np.isin(table.column("rank").to_numpy(), np.asarray(job.drop, dtype=np.int64))
     table = table.filter(pa.array(keep))
-    is_validation = _unit_hash(job.seed, "split", table.column("id").to_pylist()) < job.validation_fraction
+    is_validation = unit_hash(job.seed, "split", table.column("id").to_pylist()) < job.validation_fraction
     return table, is_validation
 
 
@@ -358,7 +352,7 @@ def count_split(job: OutputJob) -> dict[str, Any]:
     chars = pc.utf8_length(table.column("text")).to_numpy(zero_copy_only=False)
     train_ids = [i for i, v in zip(table.column("id").to_pylist(), is_validation, strict=True) if not v]
     hist, _ = np.histogram(
-        _unit_hash(job.seed, "mix", train_ids), bins=MIX_BINS, range=(0.0, 1.0), weights=chars[~is_validation]
+        unit_hash(job.seed, "mix", train_ids), bins=MIX_BINS, range=(0.0, 1.0), weights=chars[~is_validation]
     )
     return {
         "train_docs": int((~is_validation).sum()),
@@ -392,7 +386,7 @@ def mix_and_write(job: OutputJob) -> dict[str, int]:
     stem = f"{job.source}-{job.index:06d}"
     _write_shards(table.filter(pa.array(is_validation)), Path(job.out_dir) / "validation", stem, job.shard_max_chars)
     train = table.filter(pa.array(~is_validation))
-    extra = _unit_hash(job.seed, "mix", train.column("id").to_pylist()) < job.threshold
+    extra = unit_hash(job.seed, "mix", train.column("id").to_pylist()) < job.threshold
     copies = np.full(train.num_rows, int(job.epochs), dtype=np.int64) + extra
     order = np.repeat(np.arange(train.num_rows), copies)  # each selected document, once per copy, in file order
     copy_no = np.concatenate([np.arange(c) for c in copies]) if train.num_rows else np.empty(0, np.int64)

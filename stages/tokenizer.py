@@ -26,14 +26,13 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import sentencepiece as spm
-import xxhash
 
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
+from stages.data.dedup import unit_hash
 
 VERSION = 1
 MODEL_TYPES = ("bpe", "char", "unigram")
-HASH_SCALE = float(2**64)
 
 
 @dataclass
@@ -95,8 +94,10 @@ def write_sample(shards: list[Path], sample_chars: int, seed: int, path: Path) -
     with open(path, "w", encoding="utf-8") as f:
         for shard in shards:
             table = pq.read_table(shard, columns=["id", "text", "copy"])
-            for doc_id, text, copy in zip(*(table.column(c).to_pylist() for c in ("id", "text", "copy")), strict=True):
-                if copy == 0 and xxhash.xxh64_intdigest(doc_id.encode(), seed=seed) / HASH_SCALE < threshold:
+            ids = table.column("id").to_pylist()
+            chosen = unit_hash(seed, "tokenizer", ids) < threshold
+            for keep, text, copy in zip(chosen, *(table.column(c).to_pylist() for c in ("text", "copy")), strict=True):
+                if copy == 0 and keep:
                     lines = [line for line in text.split("\n") if line.strip()]
                     f.write("\n".join(lines) + "\n")
                     written += sum(len(line) for line in lines)

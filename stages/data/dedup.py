@@ -80,6 +80,11 @@ class MinHasher:
         return [xxhash.xxh64_intdigest(row.tobytes(), seed=band) for band, row in enumerate(sig)]
 
 
+def unit_hash(seed: int, salt: str, ids: list[str]) -> np.ndarray:
+    """A number in [0, 1) per id, fixed by (seed, purpose): sampling decisions that need no shared state."""
+    return np.array([xxhash.xxh64_intdigest(f"{salt}\0{i}".encode(), seed=seed) / 2.0**64 for i in ids])
+
+
 def jaccard(a: str, b: str, shingle_words: int) -> float:
     """Exact shingle Jaccard similarity (for tests and reports, not the hot path)."""
     hasher = MinHasher(shingle_words, 1, 1, 0)

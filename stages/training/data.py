@@ -22,9 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import GptlineError
-
-TOKENS_SUFFIX = ".tokens.arrow"
-IGNORE_INDEX = -100
+from stages.model.gpt import IGNORE_INDEX
+from stages.tokenize import TOKENS_SUFFIX
 
 
 class TokenStream:
