@@ -70,12 +70,16 @@ def artifact_version(stage: str, stage_version: int, config: Any, inputs: dict[s
     return hashlib.sha256(blob.encode()).hexdigest()[:VERSION_CHARS]
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_stream(stream: Any) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
+    while chunk := stream.read(HASH_CHUNK):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(f)
 
 
 def code_revision() -> str:
@@ -244,11 +248,8 @@ class Store:
     def _sha256(self, path: str) -> str:
         if self.is_local:
             return sha256_file(path)
-        digest = hashlib.sha256()
         with self.fs.open_input_stream(path) as f:
-            while chunk := f.read(HASH_CHUNK):
-                digest.update(chunk)
-        return digest.hexdigest()
+            return sha256_stream(f)
 
     def stages(self) -> list[str]:
         return sorted(

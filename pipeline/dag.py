@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import NAME_RE, RUNS_DIR, artifact_version
+from pipeline.checks import at_least
 from pipeline.errors import DagError
 
 
@@ -39,13 +40,9 @@ class StageResources:
     gpus_per_worker: float = 0.0
 
     def validate(self) -> list[tuple[str, str]]:
-        problems = []
-        for key in ("num_cpus", "num_gpus", "cpus_per_worker", "gpus_per_worker"):
-            if getattr(self, key) < 0:
-                problems.append((key, f"must be >= 0, got {getattr(self, key)}"))
-        if self.num_workers < 1:
-            problems.append(("num_workers", f"must be >= 1, got {self.num_workers}"))
-        return problems
+        return at_least(self, 0, "num_cpus", "num_gpus", "cpus_per_worker", "gpus_per_worker") + at_least(
+            self, 1, "num_workers"
+        )
 
 
 def serial_map(fn: Callable[[Any], Any], items: Sequence[Any], desc: str = "") -> list[Any]:

@@ -36,6 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
+from pipeline.checks import at_least
+from pipeline.config import typed
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 from stages.data import filters
@@ -100,10 +102,7 @@ class DedupConfig:
     partitions: int = 4
 
     def validate(self) -> list[tuple[str, str]]:
-        for key in ("shingle_words", "bands", "rows", "partitions"):
-            if getattr(self, key) < 1:
-                return [(key, f"must be >= 1, got {getattr(self, key)}")]
-        return []
+        return at_least(self, 1, "shingle_words", "bands", "rows", "partitions")
 
 
 @dataclass
@@ -184,18 +183,12 @@ DOC_SCHEMA = pa.schema(
 )
 
 
-def _typed_filters(data: dict[str, Any]) -> filters.FilterConfig:
-    from pipeline.config import typed
-
-    return typed(filters.FilterConfig, data)
-
-
 def extract_and_filter(job: FileJob) -> dict[str, Any]:
     """Phase 1 for one file; idempotent (a finished file's stats are returned from disk)."""
     stats_path = Path(job.work) / "docs" / f"{job.index:06d}.json"
     if stats_path.exists():
         return json.loads(stats_path.read_text())
-    cfg = _typed_filters(job.filters)
+    cfg = typed(filters.FilterConfig, job.filters)
     hasher = MinHasher(job.dedup["shingle_words"], job.dedup["bands"], job.dedup["rows"], job.dedup["seed"])
     counts: Counter = Counter()
     dropped: Counter = Counter()

