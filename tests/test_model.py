@@ -118,10 +118,10 @@ def test_llama_presets_have_the_papers_sizes(preset, billions):
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
-    from stages.pretrain import _checkpoint_blocks
+    from stages.pretrain import checkpoint_blocks
 
     plain, wrapped = tiny(), tiny()
-    _checkpoint_blocks(wrapped)
+    checkpoint_blocks(wrapped)
     tokens = torch.randint(0, 101, (2, 33), generator=torch.Generator().manual_seed(3))
     losses = []
     for model in (plain, wrapped):

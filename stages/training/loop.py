@@ -1,0 +1,306 @@
+"""The training loop every training stage shares: pretrain, sft and rm differ only in their model, batches, loss,
+evaluation and samples (a `Task`); everything else happens here once.
+
+`launch` runs a stage's worker function on a Ray Train `TorchTrainer` (gloo on CPU, nccl on GPU, `max_failures`
+restarts) and, after the fit, replays the worker's log into the stage context (wandb and the run record) and
+returns the worker's final metrics. Inside a worker, `fit` drives a DeepSpeed engine through `total_steps`
+optimizer steps: the LR schedule, the loss guard (a non-finite or spiking micro-batch loss is skipped before its
+backward pass; several in a row roll weights and optimizer back to the last checkpoint while the data position
+moves on), checkpoints every `checkpoint_every` steps inside the stage's partial directory (the DeepSpeed state,
+the loader position, every rank's RNG state, the guard; the last `keep_checkpoints` kept), exact resume from the
+newest one, evaluation and samples on their own schedules. Rank 0 writes one JSON line per step to `train_log.jsonl`
+and the last one to `final.json`. `consolidated_state` then gathers fp32 weights from every ZeRO partition for the
+stage's export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from pipeline.checks import at_least
+from pipeline.dag import StageContext
+from pipeline.errors import GptlineError
+from pipeline.faults import fault_armed, fault_point
+from stages.training.engine import (
+    Checkpoints,
+    DeepSpeedConfig,
+    GuardConfig,
+    LossGuard,
+    OptimConfig,
+    lr_at,
+    rng_state,
+    set_lr,
+    set_rng_state,
+)
+
+LOG = "train_log.jsonl"
+FINAL = "final.json"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    """The knobs every training stage has; a stage's config extends this one."""
+
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 300  # optimizer steps (stages that count epochs derive it when this is 0)
+    batch_size: int = 16  # examples (rows) per optimizer step, over all workers (global batch)
+    grad_accum: int = 1
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 8
+    sample_every: int = 150
+    sample_tokens: int = 40
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+    def validate(self) -> list[tuple[str, str]]:
+        keys = ("batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints")
+        return at_least(self, 1, *keys) + at_least(self, 0, "steps")
+
+
+def micro_batch(stage: str, cfg: TrainConfig, world: int) -> int:
+    """Examples per worker per forward pass: the global batch over workers x accumulation steps."""
+    per_step = world * cfg.grad_accum
+    if cfg.batch_size % per_step:
+        raise GptlineError(
+            f"{stage}.batch_size={cfg.batch_size} is not divisible by {world} workers x grad_accum={cfg.grad_accum}"
+        )
+    return cfg.batch_size // per_step
+
+
+class Resumable(Protocol):
+    """A training batch source: endless, and restorable to its exact position."""
+
+    def __next__(self) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Task(Protocol):
+    """What a stage plugs into `fit`."""
+
+    train: Resumable
+
+    def loss(self, engine, batch: Any) -> torch.Tensor:
+        """The micro-batch's scalar loss (forward only; `fit` does the backward)."""
+
+    def tokens(self, batch: Any) -> int:
+        """Tokens the batch trains on (for tokens/s)."""
+
+    def evaluate(self, engine) -> dict[str, float]:
+        """Held-out metrics, called on every rank together (collectives allowed)."""
+
+    def samples(self, model: torch.nn.Module) -> list[str]:
+        """Generations to log, called on rank 0 only with the unwrapped model."""
+
+
+def worker_context() -> tuple[int, int]:
+    import ray.train
+
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size()
+
+
+def fit(
+    stage: str,
+    task: Task,
+    engine,
+    optimizer,
+    cfg: TrainConfig,
+    total_steps: int,
+    out_dir: Path,
+    rank: int,
+    world: int,
+    quiet: bool = False,
+    extra_metrics: Callable[[float, int], dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Train to `total_steps` (resuming from the newest checkpoint if there is one); returns the last log record.
+    `extra_metrics(seconds, tokens)` adds per-step figures such as MFU."""
+    checkpoints = Checkpoints(out_dir / CHECKPOINTS, cfg.keep_checkpoints)
+    guard = LossGuard(cfg.guard)
+    step = tokens_seen = 0
+    state = checkpoints.load(engine)
+    if state is not None:
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        task.train.load_state_dict(state["loader"])
+        set_rng_state(state["rng"][rank])
+        guard.load_state_dict(state["guard"])
+    else:
+        torch.manual_seed(cfg.seed + 1 + rank)
+    log = open(out_dir / LOG, "a") if rank == 0 else None  # noqa: SIM115 (closed at the end)
+    if log is not None and state is None:
+        log.truncate(0)
+    record: dict[str, Any] = {}
+    last = time.perf_counter()
+    while step < total_steps:
+        set_lr(optimizer, lr_at(step, total_steps, cfg.optim))
+        losses: list[float] = []
+        tokens = 0
+        while len(losses) < cfg.grad_accum:
+            batch = next(task.train)
+            loss = task.loss(engine, batch)
+            if fault_armed(f"{stage}.nan_loss_{step + 1}"):  # fault tests inject a NaN here
+                loss = loss * float("nan")
+            mean = mean_over_ranks(loss.detach().float())
+            reason = guard.judge(mean)
+            if reason is None:
+                engine.backward(loss)
+                engine.step()
+                losses.append(mean)
+                tokens += task.tokens(batch)
+                continue
+            # Never applied: no backward, so DeepSpeed's gradients and counters are untouched; the next batch
+            # takes its place.
+            if rank == 0:
+                print(f"[{stage}] step {step + 1}: {reason} loss {mean:.4g}, batch skipped", flush=True)
+            if guard.must_roll_back():
+                step, losses, tokens = _roll_back(stage, engine, checkpoints, guard, rank), [], 0
+                set_lr(optimizer, lr_at(step, total_steps, cfg.optim))
+        step += 1
+        now = time.perf_counter()
+        seconds, last = now - last, now
+        tokens = int(sum_over_ranks(float(tokens)))
+        tokens_seen += tokens
+        record = {
+            "step": step,
+            "loss": sum(losses) / len(losses),
+            "lr": optimizer.param_groups[0]["lr"],
+            "tokens_per_s": tokens / seconds,
+            "skipped_batches": guard.skipped,
+            "rollbacks": guard.rollbacks,
+            **(extra_metrics(seconds, tokens) if extra_metrics else {}),
+        }
+        if step % cfg.eval_every == 0 or step == total_steps:
+            record.update(task.evaluate(engine))
+        if rank == 0 and (step % cfg.sample_every == 0 or step == total_steps):
+            engine.module.eval()
+            record["samples"] = task.samples(engine.module)
+            engine.module.train()
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if not quiet and (step % 10 == 0 or step == total_steps or step % cfg.eval_every == 0):
+                shown = " ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                 if k not in ("step", "lr", "skipped_batches", "rollbacks", "samples"))  # fmt: skip
+                print(f"[{stage}] step {step}/{total_steps} {shown}", flush=True)
+        if step % cfg.checkpoint_every == 0 or step == total_steps:
+            client = {"step": step, "tokens_seen": tokens_seen, "loader": task.train.state_dict(),
+                      "rng": _gather_rng(world), "guard": guard.state_dict()}  # fmt: skip
+            checkpoints.save(engine, step, client)
+            fault_point(f"{stage}.after_checkpoint_{step}")  # crash tests kill a worker here
+    if log is not None:
+        log.close()
+        # ZeRO-3 leaves each rank a slice of every parameter; ds_numel is the full size.
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        final = {"train_loss": record["loss"], "steps": step, "params": params, "tokens_seen": tokens_seen}
+        final.update((k, v) for k, v in record.items() if k not in ("step", "loss", "lr", "samples"))
+        (out_dir / FINAL).write_text(json.dumps(final) + "\n")
+    return record
+
+
+def _roll_back(stage: str, engine, checkpoints: Checkpoints, guard: LossGuard, rank: int) -> int:
+    """Weights, optimizer and RNG back to the last checkpoint; the data position stays where it is, so the
+    batches since then (the offending ones among them) are skipped rather than replayed (PaLM's remedy)."""
+    state = checkpoints.load(engine)
+    if state is None:
+        raise GptlineError(
+            f"the loss guard saw {guard.consecutive} bad batches in a row before the first checkpoint; "
+            f"lower {stage}.optim.lr or {stage}.checkpoint_every"
+        )
+    set_rng_state(state["rng"][rank])
+    guard.rollbacks += 1
+    guard.consecutive = 0
+    if rank == 0:
+        print(f"[{stage}] rolled back to step {state['step']} (rollback {guard.rollbacks})", flush=True)
+    return state["step"]
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    if torch.distributed.is_initialized():
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= torch.distributed.get_world_size()
+    return float(value)
+
+
+def sum_over_ranks(value: float) -> float:
+    total = torch.tensor([value], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return float(total[0])
+
+
+def _gather_rng(world: int) -> list[dict[str, Any]]:
+    """Every rank's RNG state, so a resumed rank continues its own stream (all ranks hold the full list)."""
+    states: list[Any] = [None] * world
+    if torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    return states
+
+
+def consolidated_state(engine, ds: DeepSpeedConfig, out_dir: Path, rank: int) -> dict[str, torch.Tensor] | None:
+    """fp32 weights gathered from every ZeRO partition, on rank 0 (None elsewhere); call on every rank."""
+    barrier()
+    if ds.zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        checkpoints = Checkpoints(out_dir / CHECKPOINTS, 1)
+        return (
+            get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.directory), tag=checkpoints.latest())
+            if rank == 0
+            else None
+        )
+    return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()} if rank == 0 else None
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def launch(
+    stage: str, worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], ctx: StageContext, out_dir: Path
+) -> dict[str, Any]:
+    """Run `worker(loop_config)` on `num_workers` Ray Train workers; returns the final metrics rank 0 wrote."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = ctx.resources.gpus_per_worker > 0
+    resources = {"CPU": ctx.resources.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = ctx.resources.gpus_per_worker
+    loop_config = {**loop_config, "out_dir": str(out_dir), "quiet": ctx.quiet,
+                   "threads": max(1, int(ctx.resources.cpus_per_worker))}  # fmt: skip
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=ctx.resources.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=stage, storage_path=str(out_dir / "ray_train"), failure_config=FailureConfig(max_failures=2)
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    shutil.rmtree(out_dir / "ray_train", ignore_errors=True)
+    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)  # the consolidated weights are the artifact
+    for line in (out_dir / LOG).read_text().splitlines():
+        record = json.loads(line)
+        ctx.log({k: v for k, v in record.items() if k != "step" and not isinstance(v, list)}, record["step"])
+    return json.loads((out_dir / FINAL).read_text())
