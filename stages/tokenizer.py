@@ -2,8 +2,11 @@
 
 The model is trained to be lossless: identity normalization, no dummy prefix, whitespace kept as it is, digits
 split, and byte fallback so any character outside the vocabulary becomes its UTF-8 bytes. decode(encode(text)) ==
-text for every text, with two documented exceptions: U+2581 (sentencepiece's space marker) decodes to a space, and
-the control strings of special tokens are not special when they appear in raw text (they are encoded as text).
+text for every text, with one documented exception: U+2581 (sentencepiece's space marker) decodes to a space.
+Special tokens (BOS, end-of-text, padding, and the chat role, end-of-turn and reward markers) are control symbols:
+their strings in raw text are encoded as ordinary text, so a user cannot forge a role marker; only the chat template
+inserts them, by id. (The Hugging Face export marks the chat markers as special added tokens, which transformers
+matches in raw text when asked to; the sentencepiece model never does.)
 
 Training input is a deterministic sample of the train split (documents whose hash falls under a threshold, about
 `sample_chars` characters), one line per sentencepiece "sentence", capped at `input_sentence_size` lines and
@@ -133,7 +136,7 @@ def train(cfg: TokenizerConfig, sample: Path, prefix: Path, threads: int) -> spm
             bos_piece=s.bos,
             eos_piece=s.end_of_text,
             pad_piece=s.pad,
-            user_defined_symbols=s.chat(),
+            control_symbols=s.chat(),  # never produced from raw text: a user cannot type a role marker
             num_threads=threads,
             minloglevel=2,
         )
@@ -186,8 +189,15 @@ def export_hf(sp: spm.SentencePieceProcessor, special: SpecialTokens, out_dir: P
     tokens = {"bos_token": special.bos, "eos_token": special.end_of_text, "unk_token": special.unk,
               "pad_token": special.pad, "additional_special_tokens": special.chat()}  # fmt: skip
     (out_dir / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length, "add_bos_token": False,
-              "add_eos_token": False, "clean_up_tokenization_spaces": False, **tokens}  # fmt: skip
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_length,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
+        **tokens,
+    }  # fmt: skip  (as sentencepiece: markers in text are text)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -80,7 +80,9 @@ def test_encode_decode_is_lossless_on_every_document(trained):
     ids = meta["special_ids"]
     assert (ids["unk"], ids["bos"], ids["end_of_text"], ids["pad"]) == (0, 1, 2, 3)
     assert len({ids[k] for k in ("system", "user", "assistant", "end_of_turn", "reward")}) == 5
-    assert sp.encode("<|user|>") == [ids["user"]]  # chat markers are single pieces
+    assert sp.id_to_piece(ids["user"]) == "<|user|>" and sp.is_control(ids["user"])
+    # Control symbols: typed in raw text, a chat marker is ordinary text (and decodes back to itself).
+    assert ids["user"] not in sp.encode("<|user|>") and sp.decode(sp.encode("<|user|>")) == "<|user|>"
 
 
 def test_hugging_face_export_gives_identical_ids(trained):

@@ -39,7 +39,7 @@ class RawDocument:
     extra: str = ""  # e.g. WARC-Date or a title
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), path
@@ -49,7 +49,7 @@ def expand_paths(patterns: list[str], extensions: list[str], key: str) -> list[s
     """Files matched by each pattern (file, directory or glob), sorted; a pattern matching nothing is an error."""
     found: list[str] = []
     for i, pattern in enumerate(patterns):
-        fs, path = _filesystem(pattern)
+        fs, path = filesystem(pattern)
         scheme = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
         has_glob = any(ch in path for ch in "*?[")
         base = path.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0].rsplit("/", 1)[0] if has_glob else path
@@ -186,7 +186,7 @@ def read_documents(
 ) -> Iterator[RawDocument]:
     """All documents of one file. Damage inside a file is counted in `counts` (bad_records, truncated_files,
     bad_files) and never raised; a Parquet file without the configured text column raises GptlineError."""
-    fs, inner = _filesystem(path)
+    fs, inner = filesystem(path)
     try:
         if source_type == "parquet":
             with fs.open_input_file(inner) as handle:

@@ -1,7 +1,9 @@
 """Export to the Hugging Face format: safetensors weights, a `LlamaForCausalLM` config.json, tokenizer files.
 
 `transformers` (and the serving tools built on it) load the directory directly; our module names are Llama's
-without the `model.` prefix, so the export is a rename. `load(directory)` reads such a directory back into our GPT.
+without the `model.` prefix, so the export is a rename. A `ScalarModel` (reward or value model) exports as
+`LlamaForSequenceClassification` with one label: its `score` head, read by transformers at the last non-padding
+token, which is where our reward token sits. `load(directory)` reads either back into our classes.
 """
 
 from __future__ import annotations
@@ -14,19 +16,29 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.model.gpt import GPT, ModelConfig
+from stages.model.gpt import GPT, Decoder, ModelConfig, ScalarModel
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "tokenizer_meta.json",
+)
 WEIGHTS = "model.safetensors"
 
 
+HEADS = ("lm_head.weight", "score.weight")
+
+
 def hf_name(name: str) -> str:
-    return name if name == "lm_head.weight" else f"model.{name}"
+    return name if name in HEADS else f"model.{name}"
 
 
-def hf_config(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
+def hf_config(cfg: ModelConfig, special_ids: dict[str, int], scalar: bool = False) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": ["LlamaForSequenceClassification" if scalar else "LlamaForCausalLM"],
+        **({"num_labels": 1} if scalar else {}),
         "model_type": "llama",
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim,
@@ -51,13 +63,15 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
     }
 
 
-def export(model: GPT, out_dir: Path, tokenizer_dir: Path | None, special_ids: dict[str, int]) -> None:
+def export(model: Decoder, out_dir: Path, tokenizer_dir: Path | None, special_ids: dict[str, int]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {hf_name(k): v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
+    if model.cfg.tie_embeddings and "lm_head.weight" in state:
         state.pop("lm_head.weight")  # shared with the embedding; transformers ties it back
     save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(model.cfg, special_ids), indent=2) + "\n")
+    (out_dir / "config.json").write_text(
+        json.dumps(hf_config(model.cfg, special_ids, isinstance(model, ScalarModel)), indent=2) + "\n"
+    )
     generation = {"bos_token_id": special_ids.get("bos", 1), "eos_token_id": special_ids.get("end_of_text", 2),
                   "pad_token_id": special_ids.get("pad", 3)}  # fmt: skip
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -66,11 +80,13 @@ def export(model: GPT, out_dir: Path, tokenizer_dir: Path | None, special_ids: d
             shutil.copy(tokenizer_dir / name, out_dir / name)
 
 
-def load(directory: Path) -> GPT:
+def load(directory: Path) -> Decoder:
+    """The model an export holds: a GPT, or a ScalarModel for a sequence-classification export."""
     config = json.loads((directory / "config.json").read_text())
-    model = GPT(ModelConfig(**config["gptline"]))
+    scalar = config["architectures"] == ["LlamaForSequenceClassification"]
+    model = (ScalarModel if scalar else GPT)(ModelConfig(**config["gptline"]))
     state = {k.removeprefix("model."): v for k, v in load_file(str(directory / WEIGHTS)).items()}
-    if model.cfg.tie_embeddings:
+    if isinstance(model, GPT) and model.cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state)
     return model

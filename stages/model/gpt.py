@@ -8,7 +8,8 @@ Module names follow `LlamaForCausalLM` (minus its `model.` prefix), so the expor
 `forward(tokens, targets=None, attention_mask=None, cache=None)`: `attention_mask` (B, T) marks real tokens (1)
 versus padding (0, e.g. left padding for batched prompts), positions then count real tokens only; `cache` is a
 `KVCache` the call appends to (generation). With `targets` the mean cross-entropy over targets != -100 is
-returned beside the logits.
+returned beside the logits. `ScalarModel` is the same decoder with a one-output head instead of `lm_head`: the
+reward model and PPO's value model.
 """
 
 from __future__ import annotations
@@ -157,7 +158,9 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class GPT(nn.Module):
+class Decoder(nn.Module):
+    """Embeddings, blocks and the final norm: hidden states, which a head turns into logits or scalars."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size < 1:
@@ -166,13 +169,9 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2·layers) (GPT-2)."""
@@ -184,20 +183,23 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=self.cfg.init_std)
 
-    def forward(
+    def hidden(
         self,
         tokens: torch.Tensor,
-        targets: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim). With a mask, positions count real tokens only (left padding)."""
         b, t = tokens.shape
         start = cache.length if cache is not None else 0
         if start + t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + t} tokens exceeds the model's max_seq_len={self.cfg.max_seq_len}")
         if positions is None:
-            positions = torch.arange(start, start + t, device=tokens.device).expand(b, t)
+            if attention_mask is not None:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
+            else:
+                positions = torch.arange(start, start + t, device=tokens.device).expand(b, t)
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         mask = None
@@ -206,17 +208,9 @@ class GPT(nn.Module):
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
-        logits = self.lm_head(self.norm(x))
         if cache is not None:
             cache.length += t
-        if targets is None:
-            return logits, None
-        flat = targets.reshape(-1)
-        total = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), flat, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        # Mean over real targets; a batch of padding only (the end of an epoch) gives 0, not NaN.
-        return logits, total / (flat != IGNORE_INDEX).sum().clamp(min=1)
+        return self.norm(x)
 
     @staticmethod
     def _mask(attention_mask: torch.Tensor | None, b: int, t: int, start: int, device) -> torch.Tensor:
@@ -234,3 +228,61 @@ class GPT(nn.Module):
     def num_params(self, embeddings: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())
         return total if embeddings else total - self.embed_tokens.weight.numel()
+
+
+class GPT(Decoder):
+    """The language model: hidden states through `lm_head` (optionally tied to the embeddings)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.lm_head(self.hidden(tokens, attention_mask, cache, positions))
+        if targets is None:
+            return logits, None
+        flat = targets.reshape(-1)
+        total = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), flat, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        # Mean over real targets; a batch of padding only (the end of an epoch) gives 0, not NaN.
+        return logits, total / (flat != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class ScalarModel(Decoder):
+    """A scalar per position from the hidden state through `score` (Hugging Face's
+    `LlamaForSequenceClassification` head with one label): the reward model reads it at the reward token, the PPO
+    value model at every response position. Built from a language model's weights, minus its `lm_head`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.score = nn.Linear(cfg.dim, 1, bias=False)
+        self.reset_parameters()
+        nn.init.normal_(self.score.weight, std=1.0 / math.sqrt(cfg.dim + 1))
+
+    @classmethod
+    def from_language_model(cls, lm: GPT) -> ScalarModel:
+        model = cls(lm.cfg)
+        trunk = {k: v for k, v in lm.state_dict().items() if not k.startswith("lm_head.")}
+        missing, unexpected = model.load_state_dict(trunk, strict=False)
+        assert missing == ["score.weight"] and not unexpected, (missing, unexpected)
+        return model
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) scalars."""
+        return self.score(self.hidden(tokens, attention_mask, None, positions)).squeeze(-1).float()

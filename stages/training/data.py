@@ -9,14 +9,17 @@ row count is not a multiple of W*B the last step is completed with empty rows (a
 takes the same number of steps.
 
 The position is (epoch, step); `state_dict()` / `load_state_dict()` carry it, so a restored loader yields exactly
-what the uninterrupted one would have, on any world size with the same global batch W*B.
+what the uninterrupted one would have, on any world size with the same global batch W*B. `EpochLoader` holds this
+order and position; `PackedLoader` serves packed token rows with it and `ExampleLoader` whole examples (sft, rm).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -59,7 +62,79 @@ class TokenStream:
         return out
 
 
-class PackedLoader:
+class EpochLoader:
+    """The order every loader shares: items visited in a permutation fixed by (seed, epoch); step k takes the k-th
+    block of W*B items and rank r its r-th slice of B; the last step is completed with empty items (index -1) so
+    every rank takes the same number of steps. Subclasses turn a slice of indices into a batch (`collate`)."""
+
+    def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool,
+                 require_full_batch: bool, what: str, unit: str):  # fmt: skip
+        if not 0 <= rank < world_size:
+            raise GptlineError(f"rank {rank} is not in a world of {world_size}")
+        self.num_items, self.batch_size, self.rank, self.world_size = num_items, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.global_rows = batch_size * world_size
+        if require_full_batch and num_items < self.global_rows:
+            raise GptlineError(f"{what}; a global batch of {world_size} ranks x {batch_size} {unit} needs at "
+                               f"least {self.global_rows}")  # fmt: skip
+        self.steps_per_epoch = max(1, math.ceil(num_items / self.global_rows))
+        self.epoch, self.step = 0, 0
+        self._order_epoch, self._order = -1, np.empty(0, np.int64)
+
+    def collate(self, indices: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items) if self.shuffle
+                     else np.arange(self.num_items))  # fmt: skip
+            padding = self.steps_per_epoch * self.global_rows - self.num_items
+            self._order, self._order_epoch = np.concatenate([order, np.full(padding, -1)]), self.epoch
+        return self._order
+
+    def rows_for(self, epoch: int, step: int, rank: int) -> np.ndarray:
+        """Item indices (-1: empty) that `rank` takes at (epoch, step)."""
+        saved = self.epoch
+        self.epoch = epoch
+        order = self._epoch_order()
+        self.epoch = saved
+        first = step * self.global_rows + rank * self.batch_size
+        return order[first : first + self.batch_size]
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        """The next batch, forever (epochs follow each other)."""
+        if self.step >= self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        indices = self.rows_for(self.epoch, self.step, self.rank)
+        self.step += 1
+        return self.collate(indices)
+
+    def epoch_batches(self) -> Iterator[Any]:
+        """The rest of the current epoch (evaluation: one pass, in order when shuffle is off)."""
+        while self.step < self.steps_per_epoch:
+            yield next(self)
+
+    def rewind(self) -> None:
+        self.epoch, self.step = 0, 0
+
+    def identity(self) -> dict[str, int]:
+        """What a saved position is only valid for."""
+        return {"seed": self.seed, "global_rows": self.global_rows, "num_rows": self.num_items}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, **self.identity()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, value in self.identity().items():
+            if state[key] != value:
+                raise GptlineError(f"cannot resume the data loader: saved {key}={state[key]}, this run has {value}")
+        self.epoch, self.step = state["epoch"], state["step"]
+
+
+class PackedLoader(EpochLoader):
     def __init__(
         self,
         stream: TokenStream,
@@ -72,28 +147,10 @@ class PackedLoader:
         shuffle: bool = True,
         require_full_batch: bool = True,  # evaluation passes False: a small split is padded with empty rows
     ):
-        if not 0 <= rank < world_size:
-            raise GptlineError(f"rank {rank} is not in a world of {world_size}")
-        self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
-        self.rank, self.world_size, self.seed, self.pad_id, self.shuffle = rank, world_size, seed, pad_id, shuffle
+        self.stream, self.seq_len, self.pad_id = stream, seq_len, pad_id
         self.num_rows = math.ceil(max(0, stream.total - 1) / seq_len)
-        self.global_rows = batch_size * world_size
-        if require_full_batch and self.num_rows < self.global_rows:
-            raise GptlineError(
-                f"{len(stream.paths)} token shard(s) hold {stream.total} tokens = {self.num_rows} rows of {seq_len}; "
-                f"a global batch of {world_size} ranks x {batch_size} rows needs at least {self.global_rows}"
-            )
-        self.steps_per_epoch = max(1, math.ceil(self.num_rows / self.global_rows))
-        self.epoch, self.step = 0, 0
-        self._order_epoch, self._order = -1, np.empty(0, np.int64)
-
-    def _epoch_order(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
-            order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows) if self.shuffle
-                     else np.arange(self.num_rows))  # fmt: skip
-            padding = self.steps_per_epoch * self.global_rows - self.num_rows
-            self._order, self._order_epoch = np.concatenate([order, np.full(padding, -1)]), self.epoch
-        return self._order
+        what = f"{len(stream.paths)} token shard(s) hold {stream.total} tokens = {self.num_rows} rows of {seq_len}"
+        super().__init__(self.num_rows, batch_size, rank, world_size, seed, shuffle, require_full_batch, what, "rows")
 
     def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         inputs = np.full(self.seq_len, self.pad_id, dtype=np.int64)
@@ -105,39 +162,39 @@ class PackedLoader:
             targets[: len(window) - 1] = window[1:]
         return inputs, targets
 
-    def rows_for(self, epoch: int, step: int, rank: int) -> np.ndarray:
-        """Row indices (-1: empty) that `rank` takes at (epoch, step)."""
-        saved = self.epoch
-        self.epoch = epoch
-        order = self._epoch_order()
-        self.epoch = saved
-        first = step * self.global_rows + rank * self.batch_size
-        return order[first : first + self.batch_size]
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return self
-
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        """The next (inputs, targets) batch of shape (B, T), forever (epochs follow each other)."""
-        if self.step >= self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
-        rows = [self.row(int(i)) for i in self.rows_for(self.epoch, self.step, self.rank)]
-        self.step += 1
+    def collate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) of shape (B, T)."""
+        rows = [self.row(int(i)) for i in indices]
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
-    def epoch_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The rest of the current epoch (evaluation: one pass, in order when shuffle is off)."""
-        while self.step < self.steps_per_epoch:
-            yield next(self)
+    def identity(self) -> dict[str, int]:
+        return {"seq_len": self.seq_len, **super().identity()}
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "seq_len": self.seq_len,
-                "global_rows": self.global_rows, "num_rows": self.num_rows}  # fmt: skip
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "seq_len", "global_rows", "num_rows"):
-            if state[key] != getattr(self, key):
-                raise GptlineError(
-                    f"cannot resume the data loader: saved {key}={state[key]}, this run has {getattr(self, key)}"
-                )
-        self.epoch, self.step = state["epoch"], state["step"]
+class ExampleLoader(EpochLoader):
+    """Batches of whole examples (a list of items), collated by the stage's function; empty slots are None."""
+
+    def __init__(self, items: list[Any], collate: Callable[[list[Any]], Any], batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, require_full_batch: bool = True,
+                 what: str = "examples"):  # fmt: skip
+        self.items, self._collate = items, collate
+        super().__init__(len(items), batch_size, rank, world_size, seed, shuffle, require_full_batch,
+                         f"{len(items)} {what}", what)  # fmt: skip
+
+    def collate(self, indices: np.ndarray) -> Any:
+        return self._collate([self.items[i] if i >= 0 else None for i in indices])
+
+
+def save_ragged(path: Path, columns: dict[str, list[np.ndarray]]) -> None:
+    """Columns of variable-length arrays as concatenated values + offsets in one .npz (read without pickle)."""
+    arrays = {}
+    for name, values in columns.items():
+        arrays[f"{name}.values"] = np.concatenate(values) if values else np.empty(0)
+        arrays[f"{name}.offsets"] = np.cumsum([0] + [len(v) for v in values])
+    np.savez(path, **arrays)
+
+
+def load_ragged(path: Path, *names: str) -> dict[str, list[np.ndarray]]:
+    with np.load(path, allow_pickle=False) as data:
+        loaded = {name: (data[f"{name}.values"], data[f"{name}.offsets"]) for name in names}
+    return {name: [values[a:b] for a, b in pairwise(offsets)] for name, (values, offsets) in loaded.items()}

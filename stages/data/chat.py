@@ -1,0 +1,231 @@
+"""Conversations and comparisons: the JSONL formats sft and rm read, and the one chat template that sft, rm, ppo
+and `gptline chat` share.
+
+Conversation records (sft): `{"prompt", "response"}` (optionally `"system"`) or `{"messages": [{"role",
+"content"}, ...]}` with roles system (first only), user and assistant, multi-turn. Comparison records (rm):
+`{"prompt", "chosen", "rejected"}`; K-way rankings `{"prompt", "completions": [...], "ranking": [...]}` where
+`ranking` lists completion indices best first, expanded into all C(K,2) (better, worse) pairs, each weighted
+1/C(K,2) so a prompt counts once however many completions it has (InstructGPT); and Anthropic HH transcripts
+`{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}`, whose shared turns are the prompt and whose
+last assistant turns are the two responses. A `prompt` is a string (one user turn) or a list of messages. A bad
+record is skipped and counted by reason, and the first line of each reason is kept, so a report can name it.
+
+The template: `<s>` then, per message, its role token, the content's pieces, `<|end|>`. Content is encoded as
+text, so role tokens typed by a user are just characters, never control tokens. The generation prompt ends with
+`<|assistant|>`; a model answers and closes its turn with `<|end|>`. For the reward model the `<|reward|>` token
+follows the last turn and the scalar is read there. `encode` marks which tokens the model is trained to produce:
+every assistant turn's content and its `<|end|>`, nothing of system or user turns.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.data.readers import expand_paths, filesystem
+
+ROLES = ("system", "user", "assistant")
+Message = dict[str, str]
+
+
+@dataclass
+class Skipped:
+    """Bad records by reason, with the first place each reason was seen."""
+
+    counts: Counter = field(default_factory=Counter)
+    first: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        self.first.setdefault(reason, where)
+
+    def summary(self) -> dict[str, Any]:
+        return {reason: {"count": n, "first": self.first[reason]} for reason, n in sorted(self.counts.items())}
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used; the message is the reason it is counted under."""
+
+
+def jsonl_records(patterns: list[str], key: str, skipped: Skipped) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(file:line, object) for every JSON object line of the matched files (plain or compressed)."""
+    for path in expand_paths(patterns, [".jsonl", ".jsonl.gz", ".json"], key):
+        fs, inner = filesystem(path)
+        with fs.open_input_stream(inner, compression="detect") as stream:
+            for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8", errors="replace"), 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    skipped.add("invalid_json", where)
+                    continue
+                if isinstance(record, dict):
+                    yield where, record
+                else:
+                    skipped.add("not_an_object", where)
+
+
+# ---- conversations -----------------------------------------------------------------------------------------------
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise BadRecord(f"missing_{name}" if value is None else f"non_string_{name}")
+    if not value.strip():
+        raise BadRecord(f"empty_{name}")
+    return value
+
+
+def prompt_messages(prompt: Any, system: Any = None) -> list[Message]:
+    """A prompt given as a string (one user turn) or as a list of messages ending in a user turn."""
+    if isinstance(prompt, list):
+        messages = [_message(m) for m in prompt]
+        if not messages or messages[-1]["role"] != "user":
+            raise BadRecord("prompt_not_ending_in_user_turn")
+    else:
+        messages = [{"role": "user", "content": _text(prompt, "prompt")}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": _text(system, "system")})
+    _check_order(messages)
+    return messages
+
+
+def _message(raw: Any) -> Message:
+    if not isinstance(raw, dict) or raw.get("role") not in ROLES:
+        raise BadRecord("bad_role")
+    return {"role": raw["role"], "content": _text(raw.get("content"), "content")}
+
+
+def _check_order(messages: list[Message]) -> None:
+    if any(m["role"] == "system" for m in messages[1:]):
+        raise BadRecord("system_not_first")
+
+
+def conversation(record: dict[str, Any]) -> list[Message]:
+    """The messages of a conversation record; at least one assistant turn."""
+    if "messages" in record:
+        if not isinstance(record["messages"], list):
+            raise BadRecord("bad_messages")
+        messages = [_message(m) for m in record["messages"]]
+        _check_order(messages)
+    else:
+        messages = prompt_messages(record.get("prompt"), record.get("system"))
+        messages.append({"role": "assistant", "content": _text(record.get("response"), "response")})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no_assistant_turn")
+    return messages
+
+
+def read_conversations(patterns: list[str], key: str, skipped: Skipped) -> list[list[Message]]:
+    found = []
+    for where, record in jsonl_records(patterns, key, skipped):
+        try:
+            found.append(conversation(record))
+        except BadRecord as bad:
+            skipped.add(str(bad), where)
+    return found
+
+
+# ---- comparisons -------------------------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    weight: float = 1.0
+    group: int = 0  # the record it came from: pairs of one ranking stay on one side of the held-out split
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def hh_turns(transcript: str) -> list[Message]:
+    """`"\\n\\nHuman: ...\\n\\nAssistant: ..."` as messages."""
+    parts = HH_TURN.split(transcript)
+    if len(parts) < 3 or parts[0].strip():
+        raise BadRecord("not_an_hh_transcript")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+def comparisons(record: dict[str, Any], group: int) -> list[Comparison]:
+    if "completions" in record or "ranking" in record:
+        completions, ranking = record.get("completions"), record.get("ranking")
+        if not isinstance(completions, list) or len(completions) < 2:
+            raise BadRecord("fewer_than_two_completions")
+        texts = [_text(c, "completion") for c in completions]
+        if not isinstance(ranking, list) or sorted(ranking) != list(range(len(texts))):
+            raise BadRecord("ranking_not_a_permutation")
+        prompt = prompt_messages(record.get("prompt"), record.get("system"))
+        pairs = list(combinations(ranking, 2))  # ranking is best first: each pair is (better, worse)
+        return [Comparison(prompt, texts[a], texts[b], 1.0 / len(pairs), group) for a, b in pairs]
+    if "prompt" not in record and isinstance(record.get("chosen"), str) and HH_TURN.match(record["chosen"]):
+        chosen, rejected = hh_turns(record["chosen"]), hh_turns(_text(record.get("rejected"), "rejected"))
+        if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise BadRecord("hh_transcripts_differ_before_the_last_answer")
+        if not chosen[-1]["content"] or not rejected[-1]["content"]:
+            raise BadRecord("empty_response")
+        if len(chosen) < 2:
+            raise BadRecord("no_prompt")
+        return [Comparison(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], 1.0, group)]
+    prompt = prompt_messages(record.get("prompt"), record.get("system"))
+    chosen, rejected = _text(record.get("chosen"), "chosen"), _text(record.get("rejected"), "rejected")
+    return [Comparison(prompt, chosen, rejected, 1.0, group)]
+
+
+def read_comparisons(patterns: list[str], key: str, skipped: Skipped) -> list[Comparison]:
+    found: list[Comparison] = []
+    for group, (where, record) in enumerate(jsonl_records(patterns, key, skipped)):
+        try:
+            found += comparisons(record, group)
+        except BadRecord as bad:
+            skipped.add(str(bad), where)
+    return found
+
+
+# ---- the template ------------------------------------------------------------------------------------------------
+class ChatTemplate:
+    """Messages to token ids with the tokenizer's role tokens (the ids come from `tokenizer_meta.json`)."""
+
+    def __init__(self, tokenizer_dir: Path):
+        import sentencepiece as spm
+
+        meta = json.loads((Path(tokenizer_dir) / "tokenizer_meta.json").read_text())
+        self.ids: dict[str, int] = meta["special_ids"]
+        self.sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer_dir) / "tokenizer.model"))
+        self.role_ids = {"system": self.ids["system"], "user": self.ids["user"], "assistant": self.ids["assistant"]}
+
+    @property
+    def end_of_turn(self) -> int:
+        return self.ids["end_of_turn"]
+
+    def encode(self, messages: list[Message]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids, and a mask of the tokens the model learns to produce (assistant content and its end)."""
+        ids, trained = [self.ids["bos"]], [False]
+        for message in messages:
+            content = self.sp.encode(message["content"])
+            learn = message["role"] == "assistant"
+            ids += [self.role_ids[message["role"]], *content, self.end_of_turn]
+            trained += [False] + [learn] * (len(content) + 1)
+        return np.array(ids, dtype=np.int64), np.array(trained, dtype=bool)
+
+    def prompt(self, messages: list[Message]) -> list[int]:
+        """The generation prompt: the conversation so far, then the assistant's role token."""
+        return [*self.encode(messages)[0].tolist(), self.ids["assistant"]]
+
+    def reward_input(self, prompt: list[Message], response: str) -> np.ndarray:
+        """Prompt and response as a conversation, then the reward token the RM reads its scalar at."""
+        ids, _ = self.encode([*prompt, {"role": "assistant", "content": response}])
+        return np.append(ids, self.ids["reward"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([i for i in ids if i != self.end_of_turn])

@@ -1,0 +1,224 @@
+"""rm: a reward model trained on human comparisons: the SFT model's trunk plus a scalar head read at the reward token.
+
+The stage function reads the comparison files (`data`; pairs, K-way rankings and Anthropic HH transcripts, see
+`stages/data/chat.py`), encodes each side as prompt + response + `<|reward|>` with the chat template, skips and
+counts comparisons longer than the context, and holds out a fraction by a hash of the prompt (the pairs of one
+ranking stay on one side). The encoded pairs go to `comparisons.npz`; the shared loop trains on Ray Train workers
+with checkpoints, exact resume and the loss guard, as every training stage.
+
+Loss: -log sigmoid(r_chosen - r_rejected), each pair weighted (1/C(K,2) for the pairs of a K-way ranking, 1 for a plain
+pair), averaged over the micro-batch's weight. Both sides of a micro-batch run as one right-padded batch; the scalar
+is read at each row's reward token (`rewards_at` finds it, under left or right padding alike). Held-out accuracy
+(the chosen side scores higher), mean margin and loss are logged; at the end the held-out rewards' mean and
+standard deviation go to `reward_stats.json` for PPO's normalization. The model exports as
+`LlamaForSequenceClassification`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.checks import at_least
+from pipeline.config import typed
+from pipeline.dag import StageContext
+from pipeline.errors import GptlineError
+from stages.data.chat import ChatTemplate, Skipped, read_comparisons
+from stages.data.dedup import unit_hash
+from stages.model.export import export, load
+from stages.model.gpt import ScalarModel
+from stages.training.data import ExampleLoader, load_ragged, save_ragged
+from stages.training.engine import init_deepspeed
+from stages.training.loop import TrainConfig, barrier, consolidated_state, fit, launch, micro_batch, worker_context
+
+VERSION = 1
+COMPARISONS = "comparisons.npz"
+STATS = "reward_stats.json"
+SPLITS = ("train", "validation")
+COLUMNS = ("chosen", "rejected", "weight")
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    data: list[str] = field(default_factory=lambda: ["{fetch}/preferences/*.jsonl"])
+    validation_fraction: float = 0.1
+    steps: int = 0  # 0: set by epochs
+    epochs: float = 1.0  # InstructGPT: one epoch; more overfits
+    max_len: int = 0  # tokens per side; 0: the model's context
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = super().validate() + at_least(self, 0, "max_len")
+        if not 0 < self.validation_fraction < 1:
+            problems.append(("validation_fraction", f"must be in (0, 1), got {self.validation_fraction}"))
+        if self.epochs <= 0:
+            problems.append(("epochs", f"must be > 0, got {self.epochs}"))
+        return problems + ([] if self.data else [("data", "must list at least one file or glob")])
+
+
+# ---- the objective -------------------------------------------------------------------------------------------
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum(w * -log sigmoid(r_chosen - r_rejected)) / sum(w); zero when the batch holds no pair."""
+    losses = -F.logsigmoid(chosen - rejected)
+    return (weight * losses).sum() / weight.sum().clamp(min=1e-12)
+
+
+def rewards_at(model: ScalarModel, tokens: torch.Tensor, mask: torch.Tensor, reward_id: int) -> torch.Tensor:
+    """Each row's scalar at its last reward token (rows are left- or right-padded; `mask` marks real tokens)."""
+    values = model(tokens, attention_mask=mask)
+    is_reward = (tokens == reward_id) & mask.bool()
+    if not bool(is_reward.any(-1).all()):
+        raise ValueError("every row must hold the reward token")
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    index = torch.where(is_reward, positions, -1).amax(-1)
+    return values.gather(1, index[:, None]).squeeze(1)
+
+
+def pad_rows(rows: list[np.ndarray], pad_id: int, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) with every row padded to the longest, on the right or the left."""
+    width = max(len(r) for r in rows)
+    tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        tokens[i, span], mask[i, span] = row, 1
+    return tokens, mask
+
+
+def collate(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None], pad_id: int, reward_id: int):
+    """Chosen rows then rejected rows, right-padded; an empty slot is a zero-weight pair of reward tokens."""
+    empty = (np.array([reward_id]), np.array([reward_id]), np.array([0.0]))
+    pairs = [p if p is not None else empty for p in pairs]
+    tokens, mask = pad_rows([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
+    return tokens, mask, np.array([float(p[2][0]) for p in pairs])
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def prepare(cfg: RMConfig, inputs: dict[str, Path], template: ChatTemplate, max_len: int):
+    patterns = [p.format(**{k: str(v) for k, v in inputs.items()}) for p in cfg.data]
+    skipped = Skipped()
+    comparisons = read_comparisons(patterns, "rm.data", skipped)
+    kept, keys = [], []
+    for number, c in enumerate(comparisons):
+        chosen, rejected = template.reward_input(c.prompt, c.chosen), template.reward_input(c.prompt, c.rejected)
+        if max(len(chosen), len(rejected)) > max_len:
+            skipped.add("longer_than_context", f"comparison {number} ({max(len(chosen), len(rejected))} > {max_len})")
+            continue
+        kept.append((chosen, rejected, np.array([c.weight])))
+        keys.append(f"{c.group}\0{json.dumps(c.prompt, sort_keys=True)}")
+    held_out = unit_hash(cfg.seed, "rm-split", keys) < cfg.validation_fraction
+    splits = {"train": [k for k, h in zip(kept, held_out, strict=True) if not h],
+              "validation": [k for k, h in zip(kept, held_out, strict=True) if h]}  # fmt: skip
+    if not splits["train"] or not splits["validation"]:
+        raise GptlineError(
+            f"rm.data: {len(kept)} usable comparisons in {patterns} ({dict(skipped.counts)} skipped); both the "
+            "training and the held-out split need at least one"
+        )
+    counts = {"comparisons": len(comparisons), "train_pairs": len(splits["train"]),
+              "validation_pairs": len(splits["validation"]), "skipped": skipped.summary()}  # fmt: skip
+    return splits, counts
+
+
+def run(cfg: RMConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext) -> dict[str, Any]:
+    micro = micro_batch("rm", cfg, ctx.resources.num_workers)
+    context = json.loads((inputs["sft"] / "config.json").read_text())["gptline"]["max_seq_len"]
+    if cfg.max_len > context:
+        raise GptlineError(f"rm.max_len={cfg.max_len} is longer than the SFT model's context of {context}")
+    splits, counts = prepare(cfg, inputs, ChatTemplate(inputs["sft"]), cfg.max_len or context)
+    if len(splits["train"]) < cfg.batch_size:
+        raise GptlineError(f"rm: {len(splits['train'])} training pairs cannot fill rm.batch_size={cfg.batch_size}")
+    total_steps = cfg.steps or math.ceil(cfg.epochs * math.ceil(len(splits["train"]) / cfg.batch_size))
+    save_ragged(out_dir / COMPARISONS, {f"{split}_{column}": [p[i] for p in pairs] for split, pairs in splits.items()
+                                        for i, column in enumerate(COLUMNS)})  # fmt: skip
+    (out_dir / "data.json").write_text(json.dumps(counts, indent=2) + "\n")
+    skipped = {reason: entry["count"] for reason, entry in counts["skipped"].items()}
+    if not ctx.quiet:
+        print(f"[rm] {counts['train_pairs']} training / {counts['validation_pairs']} held-out pairs, "
+              f"{total_steps} steps; skipped {skipped}", flush=True)  # fmt: skip
+    loop_config = {"config": asdict(cfg), "sft": str(inputs["sft"]), "micro_batch": micro, "total_steps": total_steps}
+    final = launch("rm", train_loop, loop_config, ctx, out_dir)
+    stats = {"mean": final["reward_mean"], "std": final["reward_std"], "pairs": counts["validation_pairs"]}
+    (out_dir / STATS).write_text(json.dumps(stats, indent=2) + "\n")
+    return {**final, "train_pairs": counts["train_pairs"], "skipped_records": sum(skipped.values())}
+
+
+class RMTask:
+    def __init__(self, cfg: RMConfig, loop: dict[str, Any], template: ChatTemplate, rank: int, world: int):
+        self.template = template
+        pad, self.reward_id = template.ids["pad"], template.ids["reward"]
+        names = [f"{s}_{c}" for s in SPLITS for c in COLUMNS]
+        columns = load_ragged(Path(loop["out_dir"]) / COMPARISONS, *names)
+        train, validation = (list(zip(*(columns[f"{s}_{c}"] for c in COLUMNS), strict=True)) for s in SPLITS)
+        micro = loop["micro_batch"]
+
+        def batch(pairs):
+            return collate(pairs, pad, self.reward_id)
+
+        self.train = ExampleLoader(train, batch, micro, rank, world, cfg.seed, what="training pairs")
+        self.validation = ExampleLoader(validation, batch, micro, rank, world, cfg.seed, shuffle=False,
+                                        require_full_batch=False)  # fmt: skip
+
+    def rewards(self, engine, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens, mask, weight = (torch.from_numpy(a).to(engine.device) for a in batch)
+        rewards = rewards_at(engine, tokens, mask, self.reward_id)
+        half = len(weight)
+        return rewards[:half], rewards[half:], weight.float()
+
+    def loss(self, engine, batch) -> torch.Tensor:
+        return pairwise_loss(*self.rewards(engine, batch))
+
+    def tokens(self, batch) -> int:
+        return int(batch[1].sum())
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        """Over the whole held-out split: loss, accuracy, margin, and the reward distribution PPO normalizes by."""
+        self.validation.rewind()
+        engine.eval()
+        # pairs, correct, margin sum, weighted loss sum, weight sum, reward sum, reward sum of squares
+        total = torch.zeros(7, dtype=torch.float64)
+        for batch in self.validation.epoch_batches():
+            chosen, rejected, weight = self.rewards(engine, batch)
+            real = weight > 0
+            chosen, rejected, w = chosen[real].double(), rejected[real].double(), weight[real].double()
+            both = torch.cat([chosen, rejected])
+            total += torch.stack([real.sum().double(), (chosen > rejected).sum().double(), (chosen - rejected).sum(),
+                                  (w * -F.logsigmoid(chosen - rejected)).sum(), w.sum(), both.sum(),
+                                  (both**2).sum()])  # fmt: skip
+        engine.train()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        pairs, correct, margin, loss, weight, reward_sum, reward_sq = total.tolist()
+        mean = reward_sum / max(1.0, 2 * pairs)
+        return {"val_loss": loss / max(weight, 1e-12), "val_accuracy": correct / max(1.0, pairs),
+                "val_margin": margin / max(1.0, pairs), "reward_mean": mean,
+                "reward_std": math.sqrt(max(0.0, reward_sq / max(1.0, 2 * pairs) - mean**2))}  # fmt: skip
+
+    def samples(self, model: ScalarModel) -> list[str]:
+        return []
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: the SFT trunk with a fresh scalar head, the shared loop, the export."""
+    rank, world = worker_context()
+    torch.set_num_threads(loop["threads"])
+    cfg: RMConfig = typed(RMConfig, loop["config"])
+    out_dir, sft = Path(loop["out_dir"]), Path(loop["sft"])
+    torch.manual_seed(cfg.seed)  # the head's initial weights: the same on every rank
+    model = ScalarModel.from_language_model(load(sft))
+    engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, loop["micro_batch"], cfg.grad_accum)
+    template = ChatTemplate(sft)
+    fit("rm", RMTask(cfg, loop, template, rank, world), engine, optimizer, cfg, loop["total_steps"], out_dir, rank,
+        world, loop["quiet"])  # fmt: skip
+    state = consolidated_state(engine, cfg.deepspeed, out_dir, rank)
+    if rank == 0:
+        final = ScalarModel(model.cfg)
+        final.load_state_dict(state)
+        export(final, out_dir, sft, template.ids)
+    barrier()

@@ -1,0 +1,240 @@
+"""sft: supervised fine-tuning of the pretrained model on conversations, with the loss on assistant tokens only.
+
+The stage function reads the conversation files (`data`, "{fetch}" = the fetch artifact; formats in
+`stages/data/chat.py`), encodes each with the chat template, skips and counts records that are bad or longer than
+the context, and splits off a held-out set by a hash of each conversation (so the split never depends on order or
+on how many files there are). The encoded examples go to `examples.npz` in the artifact (what was trained on, and
+what the workers read). Then the shared loop (`stages/training/loop.py`) runs on a Ray Train worker group, as in
+pretrain: checkpoints, exact resume, the loss guard, warmup + cosine; `epochs` sets the step count unless `steps`
+does.
+
+Each example is one row, right-padded to the longest in its micro-batch: with causal attention a row never sees
+another example or its own padding, so nothing leaks across examples. Targets are the next tokens where the
+template marks them trained (every assistant turn's content and its end-of-turn) and ignored elsewhere: system and
+user turns shape the context but are never predicted. Optional LoRA trains low-rank adapters on the chosen layers
+and is merged into the weights on export, so the artifact is a plain Llama checkpoint either way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.checks import at_least
+from pipeline.config import typed
+from pipeline.dag import StageContext
+from pipeline.errors import GptlineError
+from stages.data.chat import ChatTemplate, Message, Skipped, read_conversations
+from stages.data.dedup import unit_hash
+from stages.model.export import export, load
+from stages.model.generate import SamplingConfig, generate
+from stages.model.gpt import GPT, IGNORE_INDEX
+from stages.model.lora import LoRAConfig, apply_lora, merge_lora
+from stages.training.data import ExampleLoader, load_ragged, save_ragged
+from stages.training.engine import init_deepspeed
+from stages.training.loop import TrainConfig, barrier, consolidated_state, fit, launch, micro_batch, worker_context
+
+VERSION = 1
+EXAMPLES = "examples.npz"
+SPLITS = ("train", "validation")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    data: list[str] = field(default_factory=lambda: ["{fetch}/sft/*.jsonl"])
+    validation_fraction: float = 0.05
+    steps: int = 0  # 0: set by epochs
+    epochs: float = 3.0
+    max_len: int = 0  # tokens per example; 0: the model's context
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    num_samples: int = 4  # held-out prompts answered at every sample_every
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = super().validate() + at_least(self, 0, "max_len", "num_samples")
+        if not 0 < self.validation_fraction < 1:
+            problems.append(("validation_fraction", f"must be in (0, 1), got {self.validation_fraction}"))
+        if self.epochs <= 0:
+            problems.append(("epochs", f"must be > 0, got {self.epochs}"))
+        return problems + ([] if self.data else [("data", "must list at least one file or glob")])
+
+
+# ---- examples ------------------------------------------------------------------------------------------------
+def training_row(ids: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets of one example: a target is the next token where the template trains it, else ignored."""
+    return ids[:-1], np.where(trained[1:], ids[1:], IGNORE_INDEX)
+
+
+def collate(examples: list[tuple[np.ndarray, np.ndarray] | None], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded (inputs, targets); an empty slot (the end of an epoch) is one padding row."""
+    rows = [training_row(*e) if e is not None else (np.array([pad_id]), np.array([IGNORE_INDEX])) for e in examples]
+    width = max(len(inputs) for inputs, _ in rows)
+    inputs = np.full((len(rows), width), pad_id, dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    for i, (x, y) in enumerate(rows):
+        inputs[i, : len(x)], targets[i, : len(y)] = x, y
+    return inputs, targets
+
+
+def split_key(messages: list[Message]) -> str:
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
+def prepare(cfg: SFTConfig, inputs: dict[str, Path], max_len: int) -> tuple[dict[str, list], dict[str, Any], list]:
+    """Read, encode, filter and split the conversations; returns the splits, the counts, and held-out prompts."""
+    template = ChatTemplate(inputs["tokenizer"])
+    patterns = [p.format(**{k: str(v) for k, v in inputs.items()}) for p in cfg.data]
+    skipped = Skipped()
+    conversations = read_conversations(patterns, "sft.data", skipped)
+    kept, keys, prompts = [], [], []
+    for number, messages in enumerate(conversations):
+        ids, trained = template.encode(messages)
+        if len(ids) - 1 > max_len:
+            skipped.add("longer_than_context", f"conversation {number} ({len(ids)} tokens > {max_len + 1})")
+            continue
+        kept.append((ids, trained))
+        keys.append(split_key(messages))
+        last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompts.append(messages[:last_answer])
+    held_out = unit_hash(cfg.seed, "sft-split", keys) < cfg.validation_fraction
+    splits = {
+        "train": [e for e, h in zip(kept, held_out, strict=True) if not h],
+        "validation": [e for e, h in zip(kept, held_out, strict=True) if h],
+    }
+    if not splits["train"] or not splits["validation"]:
+        raise GptlineError(
+            f"sft.data: {len(kept)} usable conversations in {patterns} ({sum(skipped.counts.values())} skipped: "
+            f"{dict(skipped.counts)}); both the training and the held-out split need at least one"
+        )
+    counts = {
+        "conversations": len(conversations),
+        "train_examples": len(splits["train"]),
+        "validation_examples": len(splits["validation"]),
+        "train_tokens_trained": int(sum(t[1:].sum() for _, t in splits["train"])),
+        "skipped": skipped.summary(),
+    }
+    return splits, counts, [p for p, h in zip(prompts, held_out, strict=True) if h]
+
+
+def run(cfg: SFTConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext) -> dict[str, Any]:
+    world = ctx.resources.num_workers
+    micro = micro_batch("sft", cfg, world)
+    base_cfg = json.loads((inputs["pretrain"] / "config.json").read_text())["gptline"]
+    context = base_cfg["max_seq_len"]
+    if cfg.max_len > context:
+        raise GptlineError(f"sft.max_len={cfg.max_len} is longer than the pretrained model's context of {context}")
+    splits, counts, held_out_prompts = prepare(cfg, inputs, cfg.max_len or context)
+    steps_per_epoch = math.ceil(len(splits["train"]) / cfg.batch_size)
+    if len(splits["train"]) < cfg.batch_size:
+        raise GptlineError(f"sft: {len(splits['train'])} training examples cannot fill sft.batch_size={cfg.batch_size}")
+    total_steps = cfg.steps or math.ceil(cfg.epochs * steps_per_epoch)
+    save_ragged(out_dir / EXAMPLES, {f"{split}_{column}": [e[i] for e in examples] for split, examples in splits.items()
+                                     for i, column in enumerate(("ids", "trained"))})  # fmt: skip
+    (out_dir / "data.json").write_text(json.dumps(counts, indent=2) + "\n")
+    if not ctx.quiet:
+        print(f"[sft] {counts['train_examples']} training / {counts['validation_examples']} held-out "
+              f"conversations, {total_steps} steps; skipped {dict(skipped_counts(counts))}", flush=True)  # fmt: skip
+    loop_config = {
+        "config": asdict(cfg),
+        "base": str(inputs["pretrain"]),
+        "tokenizer": str(inputs["tokenizer"]),
+        "micro_batch": micro,
+        "total_steps": total_steps,
+        "prompts": held_out_prompts[: cfg.num_samples],
+    }
+    final = launch("sft", train_loop, loop_config, ctx, out_dir)
+    return {
+        **final,
+        "train_examples": counts["train_examples"],
+        "skipped_records": sum(skipped_counts(counts).values()),
+    }
+
+
+def skipped_counts(counts: dict[str, Any]) -> dict[str, int]:
+    return {reason: entry["count"] for reason, entry in counts["skipped"].items()}
+
+
+class SFTTask:
+    """Response-only next-token loss on padded conversations; held-out loss; answers to held-out prompts."""
+
+    def __init__(self, cfg: SFTConfig, loop: dict[str, Any], template: ChatTemplate, rank: int, world: int):
+        self.cfg, self.template, self.prompts = cfg, template, loop["prompts"]
+        pad = template.ids["pad"]
+        examples = load_ragged(
+            Path(loop["out_dir"]) / EXAMPLES, *(f"{s}_{c}" for s in SPLITS for c in ("ids", "trained"))
+        )
+        train, validation = (list(zip(examples[f"{s}_ids"], examples[f"{s}_trained"], strict=True)) for s in SPLITS)
+        micro = loop["micro_batch"]
+        self.train = ExampleLoader(train, lambda b: collate(b, pad), micro, rank, world,
+                                   cfg.seed, what="training conversations")  # fmt: skip
+        self.validation = ExampleLoader(validation, lambda b: collate(b, pad), micro,
+                                        rank, world, cfg.seed, shuffle=False, require_full_batch=False)  # fmt: skip
+
+    def loss(self, engine, batch) -> torch.Tensor:
+        inputs, targets = (torch.from_numpy(a).to(engine.device) for a in batch)
+        return engine(inputs, targets)[1]
+
+    def tokens(self, batch) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        self.validation.rewind()
+        engine.eval()
+        total = torch.zeros(2)
+        for _, batch in zip(range(self.cfg.eval_batches), self.validation.epoch_batches(), strict=False):
+            valid = float(self.tokens(batch))
+            total += torch.tensor([float(self.loss(engine, batch)) * valid, valid])
+        engine.train()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        return {"val_loss": float(total[0] / total[1].clamp(min=1))}
+
+    def samples(self, model: GPT) -> list[str]:
+        return answer(model, self.template, self.prompts, self.cfg.sample_tokens, self.cfg.seed)
+
+
+def answer(model: GPT, template: ChatTemplate, prompts: list[list[Message]], max_new: int, seed: int) -> list[str]:
+    """Each prompt's last user turn and the model's answer to the conversation."""
+    if not prompts:
+        return []
+    encoded = [template.prompt(p) for p in prompts]
+    room = model.cfg.max_seq_len - max(len(e) for e in encoded)
+    if room < 1:
+        return []
+    sampling = SamplingConfig(max_new_tokens=min(max_new, room), temperature=0.7, top_k=40)
+    completions = generate(model, encoded, sampling, stop_ids=[template.end_of_turn], pad_id=template.ids["pad"],
+                           generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return [f"{p[-1]['content']!r} -> {template.decode(c)!r}" for p, c in zip(prompts, completions, strict=True)]
+
+
+def build_model(base: Path, lora: LoRAConfig) -> GPT:
+    model = load(base)
+    if lora.rank:
+        apply_lora(model, lora)
+    return model
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: the pretrained model (LoRA-wrapped if configured), the shared loop, the export."""
+    rank, world = worker_context()
+    torch.set_num_threads(loop["threads"])
+    cfg: SFTConfig = typed(SFTConfig, loop["config"])
+    out_dir, tokenizer = Path(loop["out_dir"]), Path(loop["tokenizer"])
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices: the same on every rank
+    model = build_model(Path(loop["base"]), cfg.lora)
+    engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, loop["micro_batch"], cfg.grad_accum)
+    task = SFTTask(cfg, loop, ChatTemplate(tokenizer), rank, world)
+    fit("sft", task, engine, optimizer, cfg, loop["total_steps"], out_dir, rank, world, loop["quiet"])
+    state = consolidated_state(engine, cfg.deepspeed, out_dir, rank)
+    if rank == 0:
+        final = build_model(Path(loop["base"]), cfg.lora)
+        final.load_state_dict(state)
+        merge_lora(final)
+        export(final, out_dir, tokenizer, ChatTemplate(tokenizer).ids)
+    barrier()
