@@ -1,4 +1,5 @@
-"""The default pipeline as `make run` runs it (slow group): registry downloads, the pydoc crawl, crawl-mix."""
+"""The default pipeline as `make run` runs it (slow group), with fewer training steps: registry downloads, the
+pydoc crawl, crawl-mix, tokenizer, tokenize, pretrain, sft, rm."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_ses
     from pipeline.cli import main
 
     store = tmp_path / "store"
-    assert main(["run", f"store.root={store}", "tracking=disabled", "pretrain.steps=30", "pretrain.eval_every=15"]) == 0
+    short = ["pretrain.steps=30", "pretrain.eval_every=15", "sft.steps=20", "sft.eval_every=10", "rm.steps=20",
+             "rm.eval_every=10"]  # fmt: skip
+    assert main(["run", f"store.root={store}", "tracking=disabled", *short]) == 0
     out = capsys.readouterr().out
     assert "crawl_mix" in out and "done" in out
     [fetch] = Store(str(store)).list("fetch")
     sources = json.loads((Path(fetch.path) / "sources.json").read_text())
-    assert set(sources["archives"]) == {"wikipedia", "books", "code_requests", "code_click", "qa"}
+    assert set(sources["archives"]) == {"wikipedia", "books", "code_requests", "code_click", "qa", "sft_chatterbot",
+                                        "sft_evals", "preferences_evals"}  # fmt: skip
     assert sources["crawl"]["fetched"] >= 100
     [corpus] = Store(str(store)).list("crawl_mix")
     stats = json.loads((Path(corpus.path) / "stats.json").read_text())
@@ -59,3 +63,17 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_ses
     llama = AutoModelForCausalLM.from_pretrained(model.path)
     prompt = hf("The history of", return_tensors="pt").input_ids
     assert llama.generate(prompt, max_new_tokens=5, do_sample=False).shape[1] == prompt.shape[1] + 5
+
+    # sft: conversations from registry files, the loss falls, the model answers held-out prompts.
+    [tuned] = Store(str(store)).list("sft")
+    data = json.loads((Path(tuned.path) / "data.json").read_text())
+    assert data["train_examples"] > 1000 and data["validation_examples"] > 50
+    log = [json.loads(line) for line in (Path(tuned.path) / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"] and "val_loss" in log[-1] and log[-1]["samples"]
+
+    # rm: preference pairs derived from multiple-choice questions; held-out accuracy and reward statistics.
+    [reward] = Store(str(store)).list("rm")
+    data = json.loads((Path(reward.path) / "data.json").read_text())
+    assert data["train_pairs"] > 1000
+    stats = json.loads((Path(reward.path) / "reward_stats.json").read_text())
+    assert stats["std"] > 0 and reward.manifest["metrics"]["val_accuracy"] > 0
