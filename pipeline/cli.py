@@ -122,8 +122,11 @@ def _duration(node: dict[str, Any]) -> str:
 
 
 def _metrics(node: dict[str, Any], limit: int = 3) -> str:
-    items = [(k, v) for k, v in (node.get("metrics") or {}).items() if isinstance(v, int | float)]
-    return " ".join(f"{k}={v:.4g}" for k, v in items[:limit])
+    """The first numeric metrics in the order the stage returned them (its headline figures first)."""
+    metrics = node.get("metrics") or {}
+    order = [k for k in node.get("headline", []) if k in metrics] + sorted(metrics)
+    numeric = [k for k in dict.fromkeys(order) if isinstance(metrics[k], int | float)]
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in numeric[:limit])
 
 
 def _driver_gone(meta: dict[str, Any]) -> bool:

@@ -480,6 +480,7 @@ class Runner:
             error=outcome.error,
             seconds=round(outcome.seconds, 3),
             metrics=outcome.metrics,
+            headline=list(outcome.metrics)[:4],  # the stage's own order (the record's JSON is key-sorted)
             resumed=outcome.resumed,
             ended=time.time(),
         )

@@ -82,6 +82,8 @@ def run(cfg: PretrainConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
         "tokenizer": str(inputs["tokenizer"]),
         "seq_len": seq_len,
         "micro_batch": micro,
+        # per worker, measured here while the cores are idle (inside a busy worker it would read low)
+        "peak_flops": cfg.peak_flops or measured_peak_flops(max(1, int(ctx.resources.cpus_per_worker))),
     }
     return launch("pretrain", train_loop, loop_config, ctx, out_dir)
 
@@ -143,7 +145,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         checkpoint_blocks(model)
     engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, loop["micro_batch"], cfg.grad_accum)
     task = PretrainTask(cfg, loop, rank, world)
-    peak, flops_token = cfg.peak_flops or measured_peak_flops(), flops_per_token(model, seq_len)
+    peak, flops_token = loop["peak_flops"], flops_per_token(model, seq_len)
 
     def mfu(seconds: float, tokens: int) -> dict[str, float]:
         return {"mfu": tokens * flops_token / seconds / (peak * world)}

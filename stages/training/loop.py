@@ -203,8 +203,10 @@ def fit(
         log.close()
         # ZeRO-3 leaves each rank a slice of every parameter; ds_numel is the full size.
         params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-        final = {"train_loss": record["loss"], "steps": step, "params": params, "tokens_seen": tokens_seen}
-        final.update((k, v) for k, v in record.items() if k not in ("step", "loss", "lr", "samples"))
+        # Held-out figures first: the status table shows the first few.
+        held_out = {k: v for k, v in record.items() if k.startswith("val_")}
+        final = {**held_out, "train_loss": record["loss"], "steps": step, "params": params, "tokens_seen": tokens_seen}
+        final.update((k, v) for k, v in record.items() if k not in ("step", "loss", "lr", "samples", *held_out))
         (out_dir / FINAL).write_text(json.dumps(final) + "\n")
     return record
 
