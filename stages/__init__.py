@@ -1,11 +1,11 @@
 """The recipe's stages, registered in pipeline order.
 
 Each stage module defines a config dataclass, a VERSION and a `run(cfg, inputs, out_dir, ctx)` function; this
-registry is what `gptline run` executes. Stages join as they land (ppo and evaluate are still to come).
+registry is what `gptline run` executes. Stages join as they land (evaluate is still to come).
 """
 
 from pipeline.dag import StageResources, StageSpec
-from stages import crawl_mix, fetch, pretrain, rm, sft, tokenize, tokenizer
+from stages import crawl_mix, fetch, ppo, pretrain, rm, sft, tokenize, tokenizer
 
 REGISTRY: list[StageSpec] = [
     StageSpec("fetch", fetch.run, fetch.FetchConfig, version=fetch.VERSION),
@@ -60,6 +60,15 @@ REGISTRY: list[StageSpec] = [
         rm.RMConfig,
         inputs=("sft", "fetch"),
         version=rm.VERSION,
+        resources=StageResources(num_workers=2, cpus_per_worker=1.0),
+        starts_workers=True,
+    ),
+    StageSpec(
+        "ppo",
+        ppo.run,
+        ppo.PPOConfig,
+        inputs=("sft", "rm", "tokenize"),
+        version=ppo.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
     ),

@@ -32,7 +32,16 @@ from stages.model.generate import SamplingConfig, generate
 from stages.model.gpt import GPT, IGNORE_INDEX, ModelConfig
 from stages.training.data import PackedLoader, TokenStream
 from stages.training.engine import flops_per_token, init_deepspeed, measured_peak_flops
-from stages.training.loop import TrainConfig, barrier, consolidated_state, fit, launch, micro_batch, worker_context
+from stages.training.loop import (
+    CHECKPOINTS,
+    TrainConfig,
+    barrier,
+    consolidated_state,
+    fit,
+    launch,
+    micro_batch,
+    worker_context,
+)
 
 VERSION = 1
 
@@ -151,7 +160,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         return {"mfu": tokens * flops_token / seconds / (peak * world)}
 
     fit("pretrain", task, engine, optimizer, cfg, cfg.steps, out_dir, rank, world, loop["quiet"], mfu)
-    state = consolidated_state(engine, cfg.deepspeed, out_dir, rank)
+    state = consolidated_state(engine, cfg.deepspeed, out_dir / CHECKPOINTS, rank)
     if rank == 0:
         final = GPT(model_cfg)
         final.load_state_dict(state)

@@ -36,7 +36,16 @@ from stages.model.export import export, load
 from stages.model.gpt import ScalarModel
 from stages.training.data import ExampleLoader, load_ragged, save_ragged
 from stages.training.engine import init_deepspeed
-from stages.training.loop import TrainConfig, barrier, consolidated_state, fit, launch, micro_batch, worker_context
+from stages.training.loop import (
+    CHECKPOINTS,
+    TrainConfig,
+    barrier,
+    consolidated_state,
+    fit,
+    launch,
+    micro_batch,
+    worker_context,
+)
 
 VERSION = 1
 COMPARISONS = "comparisons.npz"
@@ -216,7 +225,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     template = ChatTemplate(sft)
     fit("rm", RMTask(cfg, loop, template, rank, world), engine, optimizer, cfg, loop["total_steps"], out_dir, rank,
         world, loop["quiet"])  # fmt: skip
-    state = consolidated_state(engine, cfg.deepspeed, out_dir, rank)
+    state = consolidated_state(engine, cfg.deepspeed, out_dir / CHECKPOINTS, rank)
     if rank == 0:
         final = ScalarModel(model.cfg)
         final.load_state_dict(state)

@@ -38,10 +38,20 @@ from stages.model.gpt import GPT, IGNORE_INDEX
 from stages.model.lora import LoRAConfig, apply_lora, merge_lora
 from stages.training.data import ExampleLoader, load_ragged, save_ragged
 from stages.training.engine import init_deepspeed
-from stages.training.loop import TrainConfig, barrier, consolidated_state, fit, launch, micro_batch, worker_context
+from stages.training.loop import (
+    CHECKPOINTS,
+    TrainConfig,
+    barrier,
+    consolidated_state,
+    fit,
+    launch,
+    micro_batch,
+    worker_context,
+)
 
-VERSION = 1
+VERSION = 2  # 2: held-out prompts saved for ppo
 EXAMPLES = "examples.npz"
+PROMPTS = "prompts.jsonl"  # the held-out conversations up to their last answer: ppo's default prompts
 SPLITS = ("train", "validation")
 
 
@@ -136,6 +146,8 @@ def run(cfg: SFTConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContex
     save_ragged(out_dir / EXAMPLES, {f"{split}_{column}": [e[i] for e in examples] for split, examples in splits.items()
                                      for i, column in enumerate(("ids", "trained"))})  # fmt: skip
     (out_dir / "data.json").write_text(json.dumps(counts, indent=2) + "\n")
+    lines = (json.dumps({"messages": p}, ensure_ascii=False) + "\n" for p in held_out_prompts)
+    (out_dir / PROMPTS).write_text("".join(lines))
     if not ctx.quiet:
         print(f"[sft] {counts['train_examples']} training / {counts['validation_examples']} held-out "
               f"conversations, {total_steps} steps; skipped {dict(skipped_counts(counts))}", flush=True)  # fmt: skip
@@ -231,7 +243,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, loop["micro_batch"], cfg.grad_accum)
     task = SFTTask(cfg, loop, ChatTemplate(tokenizer), rank, world)
     fit("sft", task, engine, optimizer, cfg, loop["total_steps"], out_dir, rank, world, loop["quiet"])
-    state = consolidated_state(engine, cfg.deepspeed, out_dir, rank)
+    state = consolidated_state(engine, cfg.deepspeed, out_dir / CHECKPOINTS, rank)
     if rank == 0:
         final = build_model(Path(loop["base"]), cfg.lora)
         final.load_state_dict(state)

@@ -135,6 +135,17 @@ def read_conversations(patterns: list[str], key: str, skipped: Skipped) -> list[
     return found
 
 
+def read_prompts(patterns: list[str], key: str, skipped: Skipped) -> list[list[Message]]:
+    """Prompt records, `{"prompt": str}` or `{"messages": [...]}` ending in a user turn (ppo's rollouts)."""
+    found = []
+    for where, record in jsonl_records(patterns, key, skipped):
+        try:
+            found.append(prompt_messages(record.get("messages", record.get("prompt")), record.get("system")))
+        except BadRecord as bad:
+            skipped.add(str(bad), where)
+    return found
+
+
 # ---- comparisons -------------------------------------------------------------------------------------------------
 @dataclass
 class Comparison:

@@ -196,7 +196,7 @@ def fit(
                 print(f"[{stage}] step {step}/{total_steps} {shown}", flush=True)
         if step % cfg.checkpoint_every == 0 or step == total_steps:
             client = {"step": step, "tokens_seen": tokens_seen, "loader": task.train.state_dict(),
-                      "rng": _gather_rng(world), "guard": guard.state_dict()}  # fmt: skip
+                      "rng": gather_rng(world), "guard": guard.state_dict()}  # fmt: skip
             checkpoints.save(engine, step, client)
             fault_point(f"{stage}.after_checkpoint_{step}")  # crash tests kill a worker here
     if log is not None:
@@ -243,7 +243,7 @@ def sum_over_ranks(value: float) -> float:
     return float(total[0])
 
 
-def _gather_rng(world: int) -> list[dict[str, Any]]:
+def gather_rng(world: int) -> list[dict[str, Any]]:
     """Every rank's RNG state, so a resumed rank continues its own stream (all ranks hold the full list)."""
     states: list[Any] = [None] * world
     if torch.distributed.is_initialized():
@@ -253,13 +253,14 @@ def _gather_rng(world: int) -> list[dict[str, Any]]:
     return states
 
 
-def consolidated_state(engine, ds: DeepSpeedConfig, out_dir: Path, rank: int) -> dict[str, torch.Tensor] | None:
-    """fp32 weights gathered from every ZeRO partition, on rank 0 (None elsewhere); call on every rank."""
+def consolidated_state(engine, ds: DeepSpeedConfig, checkpoint_dir: Path, rank: int) -> dict[str, torch.Tensor] | None:
+    """fp32 weights gathered from every ZeRO partition (under ZeRO-3 from the newest checkpoint in
+    `checkpoint_dir`), on rank 0 (None elsewhere); call on every rank."""
     barrier()
     if ds.zero_stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        checkpoints = Checkpoints(out_dir / CHECKPOINTS, 1)
+        checkpoints = Checkpoints(checkpoint_dir, 1)
         return (
             get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.directory), tag=checkpoints.latest())
             if rank == 0

@@ -1,0 +1,490 @@
+"""ppo: RLHF. The policy samples answers, the frozen reward model scores them, PPO updates the policy with a per-token
+KL penalty against the frozen SFT model (InstructGPT; Ziegler et al. 2019), optionally mixing in pretraining loss.
+
+Four models: the policy (from sft) and the value model (from rm: the same trunk, a scalar per position) are trained
+with DeepSpeed engines; the reference (sft, frozen) and the reward model (rm, frozen) only score. Where the frozen
+two live is config: `colocated` in every training worker, or `separate`: one Ray actor per worker with its own
+resources (on a GPU cluster: their own devices), called with token batches.
+
+One iteration, on every worker of a Ray Train group (its share of `rollout_batch` prompts):
+1. rollout: batched KV-cache sampling from the policy (temperature, top-k/top-p, stop at end-of-turn), seeded by
+   (seed, iteration, rank), so a resumed run samples exactly what the uninterrupted one did;
+2. score: the reward model reads prompt + answer + `<|reward|>` (an answer cut off by the length limit gets
+   `<|end|>` appended there and `missing_end_penalty` subtracted), normalized by the RM artifact's held-out mean and
+   std; or a programmatic reward `module:function(texts) -> scores` behind the same interface (tests, ablations);
+3. per-token rewards: -beta * KL(policy || reference) at every answer token (estimator k1 = log p - log p_ref or
+   k3 = (r - 1) - log r with r = p_ref / p) plus the score at the last one; beta fixed or adapted toward a
+   target KL (Ziegler et al.'s proportional controller);
+4. GAE (gamma, lambda) on the value model's estimates, advantages whitened over the batch;
+5. `ppo_epochs` passes over shuffled minibatches: the clipped surrogate (ratio clipped to 1 +- clip_ratio), an
+   optional entropy bonus and `ptx_coef` times the next-token loss on pretraining rows for the policy; the clipped
+   value loss for the value model.
+Metrics per iteration: reward mean/std, KL, entropy, answer length, clip fractions, approximate KL, value error,
+beta, and sample answers with their rewards. Checkpoints (both engines, the prompt and pretraining loaders, the KL
+controller) every `checkpoint_every` iterations give exact resume; the artifact is the policy, exported like sft's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.checks import at_least
+from pipeline.config import typed
+from pipeline.dag import StageContext
+from pipeline.errors import GptlineError
+from pipeline.faults import fault_point
+from stages.data.chat import ChatTemplate, Skipped, read_prompts
+from stages.model.export import export, load
+from stages.model.generate import SamplingConfig, generate
+from stages.model.gpt import GPT, ScalarModel
+from stages.rm import STATS, pad_rows, rewards_at
+from stages.training.data import ExampleLoader, PackedLoader, TokenStream
+from stages.training.engine import Checkpoints, DeepSpeedConfig, OptimConfig, init_deepspeed, set_rng_state
+from stages.training.loop import (
+    CHECKPOINTS,
+    FINAL,
+    LOG,
+    barrier,
+    consolidated_state,
+    gather_rng,
+    launch,
+    worker_context,
+)
+
+VERSION = 1
+KL_ESTIMATORS = ("k1", "k3")
+PLACEMENTS = ("colocated", "separate")
+
+
+@dataclass
+class KLConfig:
+    coef: float = 0.05  # beta: the per-token penalty on log p - log p_ref
+    estimator: str = "k1"
+    adaptive: bool = False  # move beta so the KL per answer tracks `target`
+    target: float = 6.0  # nats per answer
+    horizon: int = 10000  # answers over which the controller acts (Ziegler et al.)
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.estimator not in KL_ESTIMATORS:
+            return [("estimator", f"must be one of {', '.join(KL_ESTIMATORS)}, got {self.estimator!r}")]
+        if self.coef < 0 or self.target <= 0 or self.horizon < 1:
+            return [("coef", "needs coef >= 0, target > 0, horizon >= 1")]
+        return []
+
+
+@dataclass
+class FrozenResources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class PPOConfig:
+    prompts: list[str] = field(default_factory=lambda: ["{sft}/prompts.jsonl"])
+    iterations: int = 20
+    rollout_batch: int = 16  # prompts per iteration, over all workers
+    minibatch: int = 8  # answers per update, over all workers
+    ppo_epochs: int = 2
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=32, temperature=1.0))
+    kl: KLConfig = field(default_factory=KLConfig)
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_ratio: float = 0.2
+    clip_value: float = 0.2
+    value_coef: float = 1.0
+    entropy_coef: float = 0.0
+    whiten_advantages: bool = True
+    missing_end_penalty: float = 1.0  # subtracted from the score of an answer cut off without end-of-turn
+    normalize_reward: bool = True  # by the RM artifact's held-out mean and std
+    reward: str = "model"  # or "package.module:function", a programmatic reward over answer texts
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss mixed into every policy update
+    ptx_batch: int = 4  # pretraining rows per worker per update
+    policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.0))
+    value_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=0, weight_decay=0.0))
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    placement: str = "colocated"  # where the reference and reward models run: colocated | separate
+    frozen_resources: FrozenResources = field(default_factory=FrozenResources)
+    checkpoint_every: int = 5
+    keep_checkpoints: int = 2
+    num_samples: int = 4  # answers shown per iteration
+    seed: int = 0
+
+    def validate(self) -> list[tuple[str, str]]:
+        keys = ("iterations", "rollout_batch", "minibatch", "ppo_epochs", "checkpoint_every", "keep_checkpoints")
+        problems = at_least(self, 1, *keys) + at_least(self, 0, "ptx_coef", "entropy_coef", "num_samples")
+        if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1):
+            problems.append(("gamma", "needs 0 < gamma <= 1 and 0 <= lam <= 1"))
+        if self.clip_ratio <= 0 or self.clip_value <= 0:
+            problems.append(("clip_ratio", "clip_ratio and clip_value must be > 0"))
+        if self.rollout_batch % self.minibatch:
+            problems.append(("minibatch", f"must divide rollout_batch={self.rollout_batch}, got {self.minibatch}"))
+        if self.placement not in PLACEMENTS:
+            problems.append(("placement", f"must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}"))
+        if self.reward != "model" and ":" not in self.reward:
+            problems.append(("reward", f"must be 'model' or 'package.module:function', got {self.reward!r}"))
+        return problems
+
+
+# ---- the algorithm -------------------------------------------------------------------------------------------
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(token) under the sampling distribution (logits at t-1 predict token t; the caller aligns them)."""
+    logits = logits.float() / (temperature if temperature > 0 else 1.0)
+    return logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = (logits.float() / (temperature if temperature > 0 else 1.0)).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimates on the sampled tokens (Schulman, "Approximating KL")."""
+    if estimator == "k1":
+        return logp - ref_logp
+    log_ratio = ref_logp - logp  # r = p_ref / p
+    return log_ratio.exp() - 1 - log_ratio
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """-beta * KL at every answer token, plus the sequence score at the last one."""
+    rewards = -beta * kl * mask
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
+    return rewards + last * score[:, None]
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalized advantage estimation over each row's answer tokens (mask 1), value 0 after the last one.
+    Returns (advantages, returns = advantages + values)."""
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate; with the fraction of clipped tokens and the approximate KL(old || new)."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    stats = {"policy_clipfrac": masked_mean((clipped > unclipped).float(), mask),
+             "approx_kl": masked_mean(ratio - 1 - log_ratio, mask)}  # fmt: skip
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped value loss: new values may move at most `clip` from the rollout's before the error counts."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    return loss, {"value_clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask)}
+
+
+class KLController:
+    """Fixed beta, or Ziegler et al.'s proportional controller toward a target KL per answer."""
+
+    def __init__(self, cfg: KLConfig):
+        self.cfg, self.beta = cfg, cfg.coef
+
+    def update(self, kl: float, answers: int) -> None:
+        if self.cfg.adaptive:
+            error = float(np.clip(kl / self.cfg.target - 1, -0.2, 0.2))
+            self.beta *= 1 + error * answers / self.cfg.horizon
+
+
+def apply_missing_end_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
+    return scores - penalty * (~ended).float()
+
+
+# ---- rewards --------------------------------------------------------------------------------------------------
+RewardFunction = Callable[[list[str]], list[float]]
+
+
+def reward_function(path: str) -> RewardFunction:
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise GptlineError(f"ppo.reward={path!r}: cannot import it ({e})") from None
+
+
+class FrozenModels:
+    """The reference model's log-probs and the reward for answers: the two models PPO never trains. Runs in the
+    training worker (colocated) or as a Ray actor of its own (separate)."""
+
+    def __init__(self, sft: str, rm: str, reward: str, normalize: bool, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.reference = load(Path(sft)).eval().requires_grad_(False).to(self.device)
+        self.template = ChatTemplate(Path(sft))
+        self.function = None if reward == "model" else reward_function(reward)
+        if self.function is None:
+            self.reward_model = load(Path(rm)).eval().requires_grad_(False).to(self.device)
+            stats = json.loads((Path(rm) / STATS).read_text())
+            self.mean, self.std = (stats["mean"], max(stats["std"], 1e-6)) if normalize else (0.0, 1.0)
+
+    @torch.no_grad()
+    def reference_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor, start: int, temperature: float):
+        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        logits, _ = self.reference(tokens, attention_mask=mask)
+        return token_logprobs(logits[:, start - 1 : -1], tokens[:, start:], temperature).cpu()
+
+    @torch.no_grad()
+    def scores(self, prompts: list[list[int]], answers: list[list[int]], texts: list[str]) -> torch.Tensor:
+        if self.function is not None:
+            return torch.tensor(self.function(texts), dtype=torch.float32)
+        end, reward = self.template.end_of_turn, self.template.ids["reward"]
+        rows = [np.array([*p, *[t for t in a if t != end], end, reward]) for p, a in zip(prompts, answers, strict=True)]
+        tokens, mask = pad_rows(rows, self.template.ids["pad"])
+        tokens, mask = torch.from_numpy(tokens).to(self.device), torch.from_numpy(mask).to(self.device)
+        raw = rewards_at(self.reward_model, tokens, mask, reward).cpu()
+        return (raw - self.mean) / self.std
+
+
+class RemoteFrozenModels:
+    """The same calls, answered by a Ray actor with its own resources."""
+
+    def __init__(self, resources: FrozenResources, *args):
+        import ray
+
+        actor = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)(FrozenModels)
+        self.actor = actor.remote(*args, max(1, int(resources.num_cpus)))
+        self.template = ChatTemplate(Path(args[0]))
+
+    def reference_logprobs(self, *args):
+        import ray
+
+        return ray.get(self.actor.reference_logprobs.remote(*args))
+
+    def scores(self, *args):
+        import ray
+
+        return ray.get(self.actor.scores.remote(*args))
+
+
+# ---- the stage ------------------------------------------------------------------------------------------------
+def run(cfg: PPOConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext) -> dict[str, Any]:
+    world = ctx.resources.num_workers
+    for key, value in (("rollout_batch", cfg.rollout_batch), ("minibatch", cfg.minibatch)):
+        if value % world:
+            raise GptlineError(f"ppo.{key}={value} is not divisible by {world} workers")
+    if cfg.reward != "model":
+        reward_function(cfg.reward)  # fails here, before workers start, when it cannot be imported
+    template = ChatTemplate(inputs["sft"])
+    skipped = Skipped()
+    patterns = [p.format(**{k: str(v) for k, v in inputs.items()}) for p in cfg.prompts]
+    prompts = read_prompts(patterns, "ppo.prompts", skipped)
+    context = json.loads((inputs["sft"] / "config.json").read_text())["gptline"]["max_seq_len"]
+    fitting = [p for p in prompts if len(template.prompt(p)) + cfg.sampling.max_new_tokens <= context]
+    if len(fitting) < cfg.rollout_batch:
+        raise GptlineError(
+            f"ppo.prompts: {len(fitting)} of {len(prompts)} prompts leave room for "
+            f"ppo.sampling.max_new_tokens={cfg.sampling.max_new_tokens} in the context of {context}; "
+            f"ppo.rollout_batch={cfg.rollout_batch} needs at least that many"
+        )
+    loop_config = {"config": asdict(cfg), "sft": str(inputs["sft"]), "rm": str(inputs["rm"]), "prompts": fitting,
+                   "tokens": str(inputs["tokenize"]) if "tokenize" in inputs else None}  # fmt: skip
+    if not ctx.quiet:
+        print(f"[ppo] {len(fitting)} prompts ({len(prompts) - len(fitting)} too long, {sum(skipped.counts.values())} "
+              f"bad), {cfg.iterations} iterations of {cfg.rollout_batch}", flush=True)  # fmt: skip
+    final = launch("ppo", train_loop, loop_config, ctx, out_dir)
+    return {**final, "prompts": len(fitting)}
+
+
+def answer_batch(prompts: list[list[int]], answers: list[list[int]], pad: int):
+    """(tokens, mask, start, answer_mask) for prompts left-padded to P and answers right-padded to R."""
+    width, length = max(len(p) for p in prompts), max(1, max(len(a) for a in answers))
+    tokens = torch.full((len(prompts), width + length), pad, dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        tokens[i, width - len(p) : width], mask[i, width - len(p) : width] = torch.tensor(p), 1
+        tokens[i, width : width + len(a)], mask[i, width : width + len(a)] = torch.tensor(a, dtype=torch.long), 1
+    return tokens, mask, width, mask[:, width:].float()
+
+
+def forward_logprobs(model, tokens, mask, start: int, temperature: float, with_entropy: bool = False):
+    """log p of each answer token under `model` (and the entropy of each answer position's distribution)."""
+    logits, _ = model(tokens, attention_mask=mask)
+    logits = logits[:, start - 1 : -1]
+    logp = token_logprobs(logits, tokens[:, start:], temperature)
+    return (logp, entropy(logits, temperature)) if with_entropy else logp
+
+
+def forward_values(model, tokens: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    """V(s_t) for each answer token t: the value read where token t is predicted."""
+    return model(tokens, attention_mask=mask)[:, start - 1 : -1]
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    total = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    rank, world = worker_context()
+    torch.set_num_threads(loop["threads"])
+    cfg: PPOConfig = typed(PPOConfig, loop["config"])
+    out_dir, sft, rm = Path(loop["out_dir"]), loop["sft"], loop["rm"]
+    template = ChatTemplate(Path(sft))
+    pad, end = template.ids["pad"], template.end_of_turn
+    torch.manual_seed(cfg.seed)
+    policy_model = load(Path(sft))
+    value_model = ScalarModel.from_language_model(policy_model) if cfg.reward != "model" else load(Path(rm))
+    rollout_per_rank, minibatch_per_rank = cfg.rollout_batch // world, cfg.minibatch // world
+    policy, _ = init_deepspeed(policy_model, cfg.policy_optim, cfg.deepspeed, minibatch_per_rank, 1)
+    value, _ = init_deepspeed(value_model, cfg.value_optim, cfg.deepspeed, minibatch_per_rank, 1)
+    frozen_args = (sft, rm, cfg.reward, cfg.normalize_reward)
+    frozen = (FrozenModels(*frozen_args) if cfg.placement == "colocated"
+              else RemoteFrozenModels(cfg.frozen_resources, *frozen_args))  # fmt: skip
+    prompts = ExampleLoader([template.prompt(p) for p in loop["prompts"]], list, rollout_per_rank, rank, world,
+                            cfg.seed, what="prompts")  # fmt: skip
+    ptx = None
+    if cfg.ptx_coef > 0:
+        if loop["tokens"] is None:
+            raise GptlineError("ppo.ptx_coef > 0 needs the tokenize artifact as an input")
+        seq_len = policy_model.cfg.max_seq_len
+        ptx = PackedLoader(TokenStream(Path(loop["tokens"]) / "train"), cfg.ptx_batch, seq_len, rank, world, cfg.seed,
+                           pad)  # fmt: skip
+    kl_control = KLController(cfg.kl)
+    policy_checkpoints = Checkpoints(out_dir / CHECKPOINTS / "policy", cfg.keep_checkpoints)
+    value_checkpoints = Checkpoints(out_dir / CHECKPOINTS / "value", cfg.keep_checkpoints)
+    iteration = 0
+    state = policy_checkpoints.load(policy)
+    if state is not None:
+        value_checkpoints.load(value)
+        iteration, kl_control.beta = state["iteration"], state["beta"]
+        prompts.load_state_dict(state["prompts"])
+        if ptx is not None:
+            ptx.load_state_dict(state["ptx"])
+        set_rng_state(state["rng"][rank])
+    log = open(out_dir / LOG, "a") if rank == 0 else None  # noqa: SIM115 (closed at the end)
+    if log is not None and state is None:
+        log.truncate(0)
+    record: dict[str, Any] = {}
+    while iteration < cfg.iterations:
+        iteration += 1
+        # 1-3: rollout, scores, per-token rewards
+        batch_prompts = [p for p in next(prompts) if p is not None]
+        policy.module.eval()
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration * 1009 + rank)
+        answers = generate(policy.module, batch_prompts, cfg.sampling, stop_ids=[end], pad_id=pad,
+                           generator=generator)  # fmt: skip
+        tokens, mask, start, answer_mask = answer_batch(batch_prompts, answers, pad)
+        texts = [template.decode(a) for a in answers]
+        ended = torch.tensor([bool(a) and a[-1] == end for a in answers])
+        raw_scores = frozen.scores(batch_prompts, answers, texts)
+        scores = apply_missing_end_penalty(raw_scores, ended, cfg.missing_end_penalty)
+        with torch.no_grad():
+            old_logp, token_entropy = forward_logprobs(policy.module, tokens, mask, start, cfg.sampling.temperature,
+                                                       with_entropy=True)  # fmt: skip
+            ref_logp = frozen.reference_logprobs(tokens, mask, start, cfg.sampling.temperature)
+            old_values = forward_values(value.module, tokens, mask, start)
+        kl = kl_terms(old_logp, ref_logp, cfg.kl.estimator) * answer_mask
+        rewards = token_rewards(scores, kl, answer_mask, kl_control.beta)
+        # 4: advantages
+        advantages, returns = gae(rewards, old_values * answer_mask, answer_mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, answer_mask)
+        # 5: PPO epochs over minibatches
+        policy.module.train()
+        stats = torch.zeros(
+            5, dtype=torch.float64
+        )  # policy loss, value loss, policy clipfrac, value clipfrac, approx kl
+        updates = 0
+        shuffle = torch.Generator().manual_seed(cfg.seed * 7919 + iteration)
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(batch_prompts), generator=shuffle)
+            for lo in range(0, len(order), minibatch_per_rank):
+                idx = order[lo : lo + minibatch_per_rank]
+                logp, ent = forward_logprobs(policy, tokens[idx], mask[idx], start, cfg.sampling.temperature, True)
+                p_loss, p_stats = policy_loss(logp, old_logp[idx], advantages[idx], answer_mask[idx], cfg.clip_ratio)
+                loss = p_loss - cfg.entropy_coef * masked_mean(ent, answer_mask[idx])
+                if ptx is not None:
+                    ptx_inputs, ptx_targets = (torch.from_numpy(a) for a in next(ptx))
+                    loss = loss + cfg.ptx_coef * policy(ptx_inputs, ptx_targets)[1]
+                policy.backward(loss)
+                policy.step()
+                values = forward_values(value, tokens[idx], mask[idx], start)
+                v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], answer_mask[idx], cfg.clip_value)
+                value.backward(cfg.value_coef * v_loss)
+                value.step()
+                stats += torch.tensor([float(p_loss), float(v_loss), float(p_stats["policy_clipfrac"]),
+                                       float(v_stats["value_clipfrac"]), float(p_stats["approx_kl"])])  # fmt: skip
+                updates += 1
+        # metrics over every rank's answers
+        n = float(len(batch_prompts))
+        lengths = answer_mask.sum(-1)
+        sums = sum_over_ranks([
+            n, float(raw_scores.sum()), float((raw_scores**2).sum()), float(kl.sum()), float(lengths.sum()),
+            float((token_entropy * answer_mask).sum()), float(answer_mask.sum()), float((~ended).sum()),
+            float(((old_values - returns) ** 2 * answer_mask).sum()), float(scores.sum()), *(stats / updates).tolist(),
+        ])  # fmt: skip
+        total, reward_sum, reward_sq, kl_sum, length_sum, entropy_sum, token_count, cut, value_sq, score_sum = sums[:10]
+        mean_reward = reward_sum / total
+        record = {
+            "step": iteration,
+            "reward_mean": mean_reward,
+            "reward_std": math.sqrt(max(0.0, reward_sq / total - mean_reward**2)),
+            "score_mean": score_sum / total,  # after the missing-end penalty
+            "kl": kl_sum / total,  # per answer, summed over its tokens
+            "entropy": entropy_sum / token_count,  # per answer token
+            "answer_length": length_sum / total,
+            "missing_end_rate": cut / total,
+            "value_error": value_sq / token_count,
+            "beta": kl_control.beta,
+        }
+        update_names = ("policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl")
+        record.update((name, v / world) for name, v in zip(update_names, sums[10:], strict=True))
+        kl_control.update(record["kl"], int(total))
+        if rank == 0:
+            shown = [f"{float(s):+.3f} {template.decode(p[-40:])!r} -> {t!r}" for p, t, s in
+                     list(zip(batch_prompts, texts, raw_scores, strict=True))[: cfg.num_samples]]  # fmt: skip
+            log.write(json.dumps({**record, "samples": shown}) + "\n")
+            log.flush()
+            if not loop["quiet"]:
+                print(f"[ppo] iteration {iteration}/{cfg.iterations} reward {record['reward_mean']:+.3f} kl "
+                      f"{record['kl']:.3f} entropy {record['entropy']:.3f} length {record['answer_length']:.1f} "
+                      f"beta {record['beta']:.4f}", flush=True)  # fmt: skip
+        if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
+            client = {"iteration": iteration, "beta": kl_control.beta, "prompts": prompts.state_dict(),
+                      "ptx": ptx.state_dict() if ptx is not None else None, "rng": gather_rng(world)}  # fmt: skip
+            policy_checkpoints.save(policy, iteration, client)
+            value_checkpoints.save(value, iteration, {})
+            fault_point(f"ppo.after_checkpoint_{iteration}")
+    state_dict = consolidated_state(policy, cfg.deepspeed, out_dir / CHECKPOINTS / "policy", rank)
+    if rank == 0:
+        final_model = GPT(policy_model.cfg)
+        final_model.load_state_dict(state_dict)
+        export(final_model, out_dir, Path(sft), template.ids)
+        log.close()
+        first = json.loads((out_dir / LOG).read_text().splitlines()[0])
+        final = {k: v for k, v in record.items() if k != "step"}
+        final.update(iterations=iteration, entropy_first=first["entropy"], reward_first=first["reward_mean"])
+        (out_dir / FINAL).write_text(json.dumps(final) + "\n")
+    barrier()
