@@ -363,7 +363,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     frozen = (FrozenModels(*frozen_args) if cfg.placement == "colocated"
               else RemoteFrozenModels(cfg.frozen_resources, *frozen_args))  # fmt: skip
     prompts = ExampleLoader([template.prompt(p) for p in loop["prompts"]], list, rollout_per_rank, rank, world,
-                            cfg.seed, what="prompts")  # fmt: skip
+                            cfg.seed, what="prompts", drop_last=True)  # fmt: skip
     ptx = None
     if cfg.ptx_coef > 0:
         if loop["tokens"] is None:

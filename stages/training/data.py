@@ -68,7 +68,7 @@ class EpochLoader:
     every rank takes the same number of steps. Subclasses turn a slice of indices into a batch (`collate`)."""
 
     def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool,
-                 require_full_batch: bool, what: str, unit: str):  # fmt: skip
+                 require_full_batch: bool, what: str, unit: str, drop_last: bool = False):  # fmt: skip
         if not 0 <= rank < world_size:
             raise GptlineError(f"rank {rank} is not in a world of {world_size}")
         self.num_items, self.batch_size, self.rank, self.world_size = num_items, batch_size, rank, world_size
@@ -77,7 +77,9 @@ class EpochLoader:
         if require_full_batch and num_items < self.global_rows:
             raise GptlineError(f"{what}; a global batch of {world_size} ranks x {batch_size} {unit} needs at "
                                f"least {self.global_rows}")  # fmt: skip
-        self.steps_per_epoch = max(1, math.ceil(num_items / self.global_rows))
+        # drop_last: every step full, the epoch's last partial block left out (a different one each epoch)
+        steps = num_items // self.global_rows if drop_last else math.ceil(num_items / self.global_rows)
+        self.steps_per_epoch = max(1, steps)
         self.epoch, self.step = 0, 0
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
 
@@ -88,7 +90,7 @@ class EpochLoader:
         if self._order_epoch != self.epoch:
             order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items) if self.shuffle
                      else np.arange(self.num_items))  # fmt: skip
-            padding = self.steps_per_epoch * self.global_rows - self.num_items
+            padding = max(0, self.steps_per_epoch * self.global_rows - self.num_items)
             self._order, self._order_epoch = np.concatenate([order, np.full(padding, -1)]), self.epoch
         return self._order
 
@@ -176,10 +178,10 @@ class ExampleLoader(EpochLoader):
 
     def __init__(self, items: list[Any], collate: Callable[[list[Any]], Any], batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, require_full_batch: bool = True,
-                 what: str = "examples"):  # fmt: skip
+                 what: str = "examples", drop_last: bool = False):  # fmt: skip
         self.items, self._collate = items, collate
         super().__init__(len(items), batch_size, rank, world_size, seed, shuffle, require_full_batch,
-                         f"{len(items)} {what}", what)  # fmt: skip
+                         f"{len(items)} {what}", what, drop_last)  # fmt: skip
 
     def collate(self, indices: np.ndarray) -> Any:
         return self._collate([self.items[i] if i >= 0 else None for i in indices])
