@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install run test test-slow lint format clean
+.PHONY: install run test test-slow lint format clean bench-venv
 
 install: $(STAMP)
 
@@ -38,5 +38,11 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# TRL 1.12.0 (the last release with PPOTrainer) for `python -m bench.ppo` only, kept out of the project's venv.
+bench-venv:
+	test -x .venv-trl/bin/python || $(PYTHON) -m venv .venv-trl
+	.venv-trl/bin/pip install -q torch==2.13.0
+	.venv-trl/bin/pip install -q trl==1.12.0
+
 clean:
-	rm -rf $(VENV) store .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-trl store .pytest_cache .ruff_cache

@@ -299,7 +299,8 @@ def run(cfg: PPOConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContex
     patterns = [p.format(**{k: str(v) for k, v in inputs.items()}) for p in cfg.prompts]
     prompts = read_prompts(patterns, "ppo.prompts", skipped)
     context = json.loads((inputs["sft"] / "config.json").read_text())["gptline"]["max_seq_len"]
-    fitting = [p for p in prompts if len(template.prompt(p)) + cfg.sampling.max_new_tokens <= context]
+    # room for the answer, and for the end-of-turn and reward tokens the reward model reads after it
+    fitting = [p for p in prompts if len(template.prompt(p)) + cfg.sampling.max_new_tokens + 2 <= context]
     if len(fitting) < cfg.rollout_batch:
         raise GptlineError(
             f"ppo.prompts: {len(fitting)} of {len(prompts)} prompts leave room for "
@@ -346,13 +347,114 @@ def sum_over_ranks(values: list[float]) -> list[float]:
     return total.tolist()
 
 
+@dataclass
+class Experience:
+    """One rollout, scored: what the PPO epochs train on and the iteration's metrics are taken from."""
+
+    tokens: torch.Tensor  # (B, P + R): left-padded prompts, then right-padded answers
+    mask: torch.Tensor  # real tokens
+    start: int  # P: where answers begin
+    answer_mask: torch.Tensor  # (B, R): answer tokens, through the stop token
+    texts: list[str]
+    ended: torch.Tensor  # answers that closed their turn
+    raw_scores: torch.Tensor  # the reward model's (or function's) scores
+    scores: torch.Tensor  # after the missing-end penalty
+    logprobs: torch.Tensor  # under the policy that sampled
+    entropy: torch.Tensor
+    kl: torch.Tensor  # per answer token
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+@torch.no_grad()
+def rollout(policy: GPT, value: ScalarModel, frozen, prompts: list[list[int]], cfg: PPOConfig, beta: float,
+            generator: torch.Generator) -> Experience:  # fmt: skip
+    """Steps 1-4: sample answers, score them, per-token rewards with the KL penalty, advantages and returns."""
+    template = frozen.template
+    pad, end = template.ids["pad"], template.end_of_turn
+    policy.eval()
+    answers = generate(policy, prompts, cfg.sampling, stop_ids=[end], pad_id=pad, generator=generator)
+    policy.train()
+    tokens, mask, start, answer_mask = answer_batch(prompts, answers, pad)
+    texts = [template.decode(a) for a in answers]
+    ended = torch.tensor([bool(a) and a[-1] == end for a in answers])
+    raw_scores = frozen.scores(prompts, answers, texts)
+    scores = apply_missing_end_penalty(raw_scores, ended, cfg.missing_end_penalty)
+    logp, token_entropy = forward_logprobs(policy, tokens, mask, start, cfg.sampling.temperature, True)
+    ref_logp = frozen.reference_logprobs(tokens, mask, start, cfg.sampling.temperature)
+    values = forward_values(value, tokens, mask, start) * answer_mask
+    kl = kl_terms(logp, ref_logp, cfg.kl.estimator) * answer_mask
+    advantages, returns = gae(token_rewards(scores, kl, answer_mask, beta), values, answer_mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, answer_mask)
+    return Experience(tokens, mask, start, answer_mask, texts, ended, raw_scores, scores, logp, token_entropy, kl,
+                      values, advantages, returns)  # fmt: skip
+
+
+def update(policy, value, exp: Experience, cfg: PPOConfig, minibatch: int, shuffle: torch.Generator,
+           ptx: PackedLoader | None) -> torch.Tensor:  # fmt: skip
+    """Step 5: `ppo_epochs` passes over shuffled minibatches, one optimizer step of each engine per minibatch.
+    Returns the mean policy loss, value loss, policy and value clip fractions and approximate KL."""
+    stats, updates = torch.zeros(5, dtype=torch.float64), 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(len(exp.texts), generator=shuffle)
+        for lo in range(0, len(order), minibatch):
+            idx = order[lo : lo + minibatch]
+            tokens, mask, answer_mask = exp.tokens[idx], exp.mask[idx], exp.answer_mask[idx]
+            bonus = cfg.entropy_coef > 0  # the full-vocabulary entropy only when it is in the loss
+            out = forward_logprobs(policy, tokens, mask, exp.start, cfg.sampling.temperature, bonus)
+            logp = out[0] if bonus else out
+            p_loss, p_stats = policy_loss(logp, exp.logprobs[idx], exp.advantages[idx], answer_mask, cfg.clip_ratio)
+            loss = p_loss - cfg.entropy_coef * masked_mean(out[1], answer_mask) if bonus else p_loss
+            if ptx is not None:
+                ptx_inputs, ptx_targets = (torch.from_numpy(a) for a in next(ptx))
+                loss = loss + cfg.ptx_coef * policy(ptx_inputs, ptx_targets)[1]
+            policy.backward(loss)
+            policy.step()
+            values = forward_values(value, tokens, mask, exp.start)
+            v_loss, v_stats = value_loss(values, exp.values[idx], exp.returns[idx], answer_mask, cfg.clip_value)
+            value.backward(cfg.value_coef * v_loss)
+            value.step()
+            stats += torch.tensor([float(p_loss.detach()), float(v_loss.detach()), float(p_stats["policy_clipfrac"]),
+                                   float(v_stats["value_clipfrac"]), float(p_stats["approx_kl"])])  # fmt: skip
+            updates += 1
+    return stats / updates
+
+
+def iteration_metrics(exp: Experience, stats: torch.Tensor, beta: float, world: int) -> dict[str, float]:
+    """The iteration's figures over every rank's answers."""
+    m = exp.answer_mask
+    sums = sum_over_ranks([
+        float(len(exp.texts)), float(exp.raw_scores.sum()), float((exp.raw_scores**2).sum()), float(exp.kl.sum()),
+        float(m.sum()), float((exp.entropy * m).sum()), float((~exp.ended).sum()),
+        float(((exp.values - exp.returns) ** 2 * m).sum()), float(exp.scores.sum()), *stats.tolist(),
+    ])  # fmt: skip
+    total, reward_sum, reward_sq, kl_sum, token_count, entropy_sum, cut, value_sq, score_sum = sums[:9]
+    mean_reward = reward_sum / total
+    record = {
+        "reward_mean": mean_reward,
+        "reward_std": math.sqrt(max(0.0, reward_sq / total - mean_reward**2)),
+        "score_mean": score_sum / total,  # after the missing-end penalty
+        "kl": kl_sum / total,  # per answer, summed over its tokens
+        "entropy": entropy_sum / token_count,  # per answer token
+        "answer_length": token_count / total,
+        "missing_end_rate": cut / total,
+        "value_error": value_sq / token_count,
+        "beta": beta,
+    }
+    names = ("policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl")
+    record.update((name, v / world) for name, v in zip(names, sums[9:], strict=True))
+    return record
+
+
 def train_loop(loop: dict[str, Any]) -> None:
     rank, world = worker_context()
     torch.set_num_threads(loop["threads"])
     cfg: PPOConfig = typed(PPOConfig, loop["config"])
     out_dir, sft, rm = Path(loop["out_dir"]), loop["sft"], loop["rm"]
     template = ChatTemplate(Path(sft))
-    pad, end = template.ids["pad"], template.end_of_turn
+    pad = template.ids["pad"]
     torch.manual_seed(cfg.seed)
     policy_model = load(Path(sft))
     value_model = ScalarModel.from_language_model(policy_model) if cfg.reward != "model" else load(Path(rm))
@@ -389,82 +491,16 @@ def train_loop(loop: dict[str, Any]) -> None:
     record: dict[str, Any] = {}
     while iteration < cfg.iterations:
         iteration += 1
-        # 1-3: rollout, scores, per-token rewards
         batch_prompts = [p for p in next(prompts) if p is not None]
-        policy.module.eval()
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration * 1009 + rank)
-        answers = generate(policy.module, batch_prompts, cfg.sampling, stop_ids=[end], pad_id=pad,
-                           generator=generator)  # fmt: skip
-        tokens, mask, start, answer_mask = answer_batch(batch_prompts, answers, pad)
-        texts = [template.decode(a) for a in answers]
-        ended = torch.tensor([bool(a) and a[-1] == end for a in answers])
-        raw_scores = frozen.scores(batch_prompts, answers, texts)
-        scores = apply_missing_end_penalty(raw_scores, ended, cfg.missing_end_penalty)
-        with torch.no_grad():
-            old_logp, token_entropy = forward_logprobs(policy.module, tokens, mask, start, cfg.sampling.temperature,
-                                                       with_entropy=True)  # fmt: skip
-            ref_logp = frozen.reference_logprobs(tokens, mask, start, cfg.sampling.temperature)
-            old_values = forward_values(value.module, tokens, mask, start)
-        kl = kl_terms(old_logp, ref_logp, cfg.kl.estimator) * answer_mask
-        rewards = token_rewards(scores, kl, answer_mask, kl_control.beta)
-        # 4: advantages
-        advantages, returns = gae(rewards, old_values * answer_mask, answer_mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = whiten(advantages, answer_mask)
-        # 5: PPO epochs over minibatches
-        policy.module.train()
-        stats = torch.zeros(
-            5, dtype=torch.float64
-        )  # policy loss, value loss, policy clipfrac, value clipfrac, approx kl
-        updates = 0
+        exp = rollout(policy.module, value.module, frozen, batch_prompts, cfg, kl_control.beta, generator)
         shuffle = torch.Generator().manual_seed(cfg.seed * 7919 + iteration)
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(len(batch_prompts), generator=shuffle)
-            for lo in range(0, len(order), minibatch_per_rank):
-                idx = order[lo : lo + minibatch_per_rank]
-                logp, ent = forward_logprobs(policy, tokens[idx], mask[idx], start, cfg.sampling.temperature, True)
-                p_loss, p_stats = policy_loss(logp, old_logp[idx], advantages[idx], answer_mask[idx], cfg.clip_ratio)
-                loss = p_loss - cfg.entropy_coef * masked_mean(ent, answer_mask[idx])
-                if ptx is not None:
-                    ptx_inputs, ptx_targets = (torch.from_numpy(a) for a in next(ptx))
-                    loss = loss + cfg.ptx_coef * policy(ptx_inputs, ptx_targets)[1]
-                policy.backward(loss)
-                policy.step()
-                values = forward_values(value, tokens[idx], mask[idx], start)
-                v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], answer_mask[idx], cfg.clip_value)
-                value.backward(cfg.value_coef * v_loss)
-                value.step()
-                stats += torch.tensor([float(p_loss), float(v_loss), float(p_stats["policy_clipfrac"]),
-                                       float(v_stats["value_clipfrac"]), float(p_stats["approx_kl"])])  # fmt: skip
-                updates += 1
-        # metrics over every rank's answers
-        n = float(len(batch_prompts))
-        lengths = answer_mask.sum(-1)
-        sums = sum_over_ranks([
-            n, float(raw_scores.sum()), float((raw_scores**2).sum()), float(kl.sum()), float(lengths.sum()),
-            float((token_entropy * answer_mask).sum()), float(answer_mask.sum()), float((~ended).sum()),
-            float(((old_values - returns) ** 2 * answer_mask).sum()), float(scores.sum()), *(stats / updates).tolist(),
-        ])  # fmt: skip
-        total, reward_sum, reward_sq, kl_sum, length_sum, entropy_sum, token_count, cut, value_sq, score_sum = sums[:10]
-        mean_reward = reward_sum / total
-        record = {
-            "step": iteration,
-            "reward_mean": mean_reward,
-            "reward_std": math.sqrt(max(0.0, reward_sq / total - mean_reward**2)),
-            "score_mean": score_sum / total,  # after the missing-end penalty
-            "kl": kl_sum / total,  # per answer, summed over its tokens
-            "entropy": entropy_sum / token_count,  # per answer token
-            "answer_length": length_sum / total,
-            "missing_end_rate": cut / total,
-            "value_error": value_sq / token_count,
-            "beta": kl_control.beta,
-        }
-        update_names = ("policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl")
-        record.update((name, v / world) for name, v in zip(update_names, sums[10:], strict=True))
-        kl_control.update(record["kl"], int(total))
+        stats = update(policy, value, exp, cfg, minibatch_per_rank, shuffle, ptx)
+        record = {"step": iteration, **iteration_metrics(exp, stats, kl_control.beta, world)}
+        kl_control.update(record["kl"], int(cfg.rollout_batch))
         if rank == 0:
             shown = [f"{float(s):+.3f} {template.decode(p[-40:])!r} -> {t!r}" for p, t, s in
-                     list(zip(batch_prompts, texts, raw_scores, strict=True))[: cfg.num_samples]]  # fmt: skip
+                     list(zip(batch_prompts, exp.texts, exp.raw_scores, strict=True))[: cfg.num_samples]]  # fmt: skip
             log.write(json.dumps({**record, "samples": shown}) + "\n")
             log.flush()
             if not loop["quiet"]:
