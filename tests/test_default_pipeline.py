@@ -1,9 +1,10 @@
 """The default pipeline as `make run` runs it (slow group), with fewer training steps: registry downloads, the
-pydoc crawl, crawl-mix, tokenizer, tokenize, pretrain, sft, rm."""
+pydoc crawl, crawl-mix, tokenizer, tokenize, pretrain, sft, rm, ppo."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,7 +19,7 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_ses
 
     store = tmp_path / "store"
     short = ["pretrain.steps=30", "pretrain.eval_every=15", "sft.steps=20", "sft.eval_every=10", "rm.steps=20",
-             "rm.eval_every=10"]  # fmt: skip
+             "rm.eval_every=10", "ppo.iterations=3"]  # fmt: skip
     assert main(["run", f"store.root={store}", "tracking=disabled", *short]) == 0
     out = capsys.readouterr().out
     assert "crawl_mix" in out and "done" in out
@@ -77,3 +78,22 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_ses
     assert data["train_pairs"] > 1000
     stats = json.loads((Path(reward.path) / "reward_stats.json").read_text())
     assert stats["std"] > 0 and reward.manifest["metrics"]["val_accuracy"] > 0
+
+    # ppo: the real chain sft -> rm -> ppo on the held-out SFT prompts, every metric logged.
+    [policy] = Store(str(store)).list("ppo")
+    log = [json.loads(line) for line in (Path(policy.path) / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "kl",
+        "entropy",
+        "answer_length",
+        "policy_clipfrac",
+        "value_clipfrac",
+        "approx_kl",
+        "value_error",
+        "beta",
+    ):
+        assert all(math.isfinite(r[key]) for r in log), key
+    assert log[0]["samples"] and policy.manifest["metrics"]["entropy_first"] > 0
