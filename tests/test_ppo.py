@@ -149,6 +149,16 @@ def test_reward_rises_while_kl_stays_bounded_and_a_large_beta_holds_the_policy(m
     assert held["reward_mean"] < final["reward_mean"]
 
 
+def test_frozen_models_in_separate_actors_give_the_colocated_run(models, tmp_path, ray_session):
+    """The reference and reward model as Ray actors of their own (placement=separate) compute exactly what they do
+    inside the training workers; here with the real reward-model path (scores normalized by reward_stats.json)."""
+    short = {"iterations": 2, "reward": "model", "missing_end_penalty": 1.0}
+    run_ppo(models, tmp_path / "colocated", **short)
+    run_ppo(models, tmp_path / "separate", placement="separate", frozen_resources={"num_cpus": 0}, **short)
+    for key in ("reward_mean", "kl", "policy_loss", "value_loss"):
+        assert curve(tmp_path / "colocated", key) == pytest.approx(curve(tmp_path / "separate", key), abs=1e-6)
+
+
 @pytest.mark.slow
 def test_resume_mid_ppo_reproduces_the_uninterrupted_run(models, tmp_path, ray_session):
     short = {"iterations": 8}
