@@ -41,7 +41,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         config = PPOConfig(
             output_dir=out,
-            per_device_train_batch_size=args["minibatch"],
+            # TRL 1.12: rollout batch = per_device_train_batch_size x accumulation; minibatch = that / num_mini_batches
+            per_device_train_batch_size=args["batch"],
             gradient_accumulation_steps=1,
             num_mini_batches=args["batch"] // args["minibatch"],
             num_ppo_epochs=2,

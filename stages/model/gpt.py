@@ -202,9 +202,12 @@ class Decoder(nn.Module):
                 positions = torch.arange(start, start + t, device=tokens.device).expand(b, t)
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
+        # No padding and queries aligned with keys from the first position: plain causal attention, the fused
+        # kernel (transformers makes the same shortcut); otherwise an explicit mask.
+        no_padding = attention_mask is None or bool(attention_mask.all())
         mask = None
-        if attention_mask is not None or cache is not None:
-            mask = self._mask(attention_mask, b, t, start, tokens.device)
+        if not (no_padding and start == 0):
+            mask = self._mask(None if no_padding else attention_mask, b, t, start, tokens.device)
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
