@@ -8,7 +8,8 @@ resources (on a GPU cluster: their own devices), called with token batches.
 
 One iteration, on every worker of a Ray Train group (its share of `rollout_batch` prompts):
 1. rollout: batched KV-cache sampling from the policy (temperature, top-k/top-p, stop at end-of-turn), seeded by
-   (seed, iteration, rank), so a resumed run samples exactly what the uninterrupted one did;
+   (seed, iteration, rank), so a resumed run samples exactly what the uninterrupted one did; the log-probs PPO's
+   ratios start from are taken from the logits that sampled each token (no second forward pass);
 2. score: the reward model reads prompt + answer + `<|reward|>` (an answer cut off by the length limit gets
    `<|end|>` appended there and `missing_end_penalty` subtracted), normalized by the RM artifact's held-out mean and
    std; or a programmatic reward `module:function(texts) -> scores` behind the same interface (tests, ablations);
@@ -374,14 +375,23 @@ def rollout(policy: GPT, value: ScalarModel, frozen, prompts: list[list[int]], c
     template = frozen.template
     pad, end = template.ids["pad"], template.end_of_turn
     policy.eval()
-    answers = generate(policy, prompts, cfg.sampling, stop_ids=[end], pad_id=pad, generator=generator)
+    temperature = cfg.sampling.temperature
+    steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(token: torch.Tensor, logits: torch.Tensor) -> None:
+        # The log-prob of each sampled token under the sampling policy, from the logits that sampled it (no
+        # second forward pass; tokens after a row's stop are masked out below)
+        steps.append((token_logprobs(logits, token, temperature), entropy(logits, temperature)))
+
+    answers = generate(policy, prompts, cfg.sampling, stop_ids=[end], pad_id=pad, generator=generator,
+                       on_step=record)  # fmt: skip
     policy.train()
     tokens, mask, start, answer_mask = answer_batch(prompts, answers, pad)
+    logp, token_entropy = (torch.stack(column, dim=1).float() * answer_mask for column in zip(*steps, strict=True))
     texts = [template.decode(a) for a in answers]
     ended = torch.tensor([bool(a) and a[-1] == end for a in answers])
     raw_scores = frozen.scores(prompts, answers, texts)
     scores = apply_missing_end_penalty(raw_scores, ended, cfg.missing_end_penalty)
-    logp, token_entropy = forward_logprobs(policy, tokens, mask, start, cfg.sampling.temperature, True)
     ref_logp = frozen.reference_logprobs(tokens, mask, start, cfg.sampling.temperature)
     values = forward_values(value, tokens, mask, start) * answer_mask
     kl = kl_terms(logp, ref_logp, cfg.kl.estimator) * answer_mask

@@ -58,7 +58,7 @@ def generate(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-    on_tokens: Callable[[torch.Tensor], None] | None = None,
+    on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (a stop token, when one is sampled, is the last token of its row)."""
     device = model.lm_head.weight.device
@@ -84,8 +84,8 @@ def generate(
         next_token = sample_next(logits[:, -1], cfg, generator)
         next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
         out.append(next_token)
-        if on_tokens is not None:
-            on_tokens(next_token)
+        if on_step is not None:  # streaming output; PPO takes the sampling log-probs from these logits
+            on_step(next_token, logits[:, -1])
         done = done | torch.isin(next_token, stops)
         if bool(done.all()):
             break
