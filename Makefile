@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 
 run: $(STAMP)
 	$(BIN)/gptline run $(ARGS)
+	@echo "Talk to the RLHF model:   $(BIN)/gptline chat ppo      (or: chat sft; sample pretrain \"Once upon\")"
 
 test: $(STAMP)
 	$(BIN)/pytest -q

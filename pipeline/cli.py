@@ -26,7 +26,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
 from pipeline.artifacts import Store
 from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config, parse_overrides
-from pipeline.dag import DAG, load_registry
+from pipeline.dag import DAG, CommandSpec, load_commands, load_registry
 from pipeline.errors import GptlineError
 from pipeline.runner import Runner, RunRecord, list_runs, new_run_id
 
@@ -271,7 +271,33 @@ def build_parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", parents=[common, store_opt], help="remove partial and unreferenced artifacts")
     gc.add_argument("--dry-run", action="store_true")
     gc.set_defaults(func=cmd_gc)
+
+    for command in load_commands(os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY)):
+        extra = sub.add_parser(command.name, parents=[common, store_opt], help=command.help)
+        extra.add_argument("artifact", help="an exported model directory, STAGE/VERSION, or a stage (its newest)")
+        command.add_arguments(extra)
+        extra.set_defaults(func=lambda args, _command=command: _run_command(_command, args))
     return parser
+
+
+def _run_command(command: CommandSpec, args: argparse.Namespace) -> int:
+    """Resolve ARTIFACT to a local directory (`args.path`), then hand over to the registry's command."""
+    if Path(args.artifact, "config.json").exists():
+        args.path = Path(args.artifact)
+    else:
+        store = Store(args.store)
+        if "/" in args.artifact:
+            artifact = store.find(args.artifact)
+        else:
+            found = store.list(args.artifact) if args.artifact in store.stages() else []
+            if not found:
+                raise GptlineError(f"{args.artifact!r} is neither a model directory nor a stage with a committed "
+                                   f"artifact in {store.uri}")  # fmt: skip
+            artifact = found[-1]
+        args.path = Path(artifact.path)
+        if not args.path.exists():
+            raise GptlineError(f"{artifact.ref} is in a remote store; copy it to a local directory first")
+    return command.run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

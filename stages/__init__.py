@@ -4,8 +4,8 @@ Each stage module defines a config dataclass, a VERSION and a `run(cfg, inputs, 
 registry is what `gptline run` executes. Stages join as they land (evaluate is still to come).
 """
 
-from pipeline.dag import StageResources, StageSpec
-from stages import crawl_mix, fetch, ppo, pretrain, rm, sft, tokenize, tokenizer
+from pipeline.dag import CommandSpec, StageResources, StageSpec
+from stages import chat, crawl_mix, fetch, ppo, pretrain, rm, sft, tokenize, tokenizer
 
 REGISTRY: list[StageSpec] = [
     StageSpec("fetch", fetch.run, fetch.FetchConfig, version=fetch.VERSION),
@@ -72,4 +72,9 @@ REGISTRY: list[StageSpec] = [
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
     ),
+]
+
+COMMANDS: list[CommandSpec] = [
+    CommandSpec("chat", "talk to a chat model (sft or ppo) in the terminal", chat.add_chat_arguments, chat.run_chat),
+    CommandSpec("sample", "continue a prompt with a base model (pretrain)", chat.add_sample_arguments, chat.run_sample),
 ]
