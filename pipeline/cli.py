@@ -300,14 +300,25 @@ def _run_command(command: CommandSpec, args: argparse.Namespace) -> int:
     return command.run(args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     # Overrides may stand before, between or after options, so they are whatever argparse does not know.
     args, extra = parser.parse_known_args(argv)
     unknown_options = [a for a in extra if a.startswith("-")]
     if unknown_options or (extra and args.command != "run"):
         parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
+    # `--only ppo ppo.iterations=3`: nargs="+" swallows the override; stage names never hold "=".
+    for option in ("only", "until"):
+        names = getattr(args, option, None) or []
+        extra += [n for n in names if "=" in n]
+        if names:
+            setattr(args, option, [n for n in names if "=" not in n] or None)
     args.overrides = extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         return args.func(args)
     except GptlineError as e:

@@ -343,9 +343,11 @@ def connect_ray(cluster: dict[str, Any]) -> bool:
     """Join the configured cluster, or start an embedded Ray. True when this call started Ray."""
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"namespace": cluster["namespace"], "log_to_driver": True}
-    if cluster["runtime_env"]:
-        kwargs["runtime_env"] = cluster["runtime_env"]
+    runtime_env = dict(cluster["runtime_env"] or {})
+    # Ray Train workers re-log every print() through a logger as well as to stdout, so each progress line reached
+    # the terminal twice; stdout alone is what the run's log and the terminal show.
+    runtime_env["env_vars"] = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **(runtime_env.get("env_vars") or {})}
+    kwargs: dict[str, Any] = {"namespace": cluster["namespace"], "log_to_driver": True, "runtime_env": runtime_env}
     address = cluster["address"] or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)

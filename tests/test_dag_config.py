@@ -101,3 +101,11 @@ def test_a_recorded_config_is_revalidated_on_load():
     config["numbers"]["chunkz"] = 3
     with pytest.raises(ConfigError, match="'numbers.chunkz'; did you mean 'numbers.chunks'"):
         load_config(REGISTRY, config)
+
+
+def test_overrides_after_only_are_overrides_not_stage_names():
+    from pipeline.cli import parse_args
+
+    args = parse_args(["run", "--only", "ppo", "ppo.iterations=3", "--until", "rm", "sft.epochs=1"])
+    assert args.only == ["ppo"] and args.until == ["rm"]
+    assert args.overrides == ["ppo.iterations=3", "sft.epochs=1"]
