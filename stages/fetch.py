@@ -55,7 +55,7 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 1
+VERSION = 2  # 2: evals samples with a system message after the question are left out
 CONVERTERS = ("mediawiki", "files", "chatterbot", "chatterbot_chat", "evals_chat", "evals_choice")
 
 
@@ -237,8 +237,8 @@ def _evals_samples(data: bytes) -> Iterator[tuple[list[dict[str, str]], str]]:
             continue
         if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             continue
-        if [m.get("role") for m in messages if m.get("role") != "system"] != ["user"]:
-            continue  # few-shot transcripts and multi-part prompts
+        if [m.get("role") for m in messages] not in (["user"], ["system", "user"]):
+            continue  # few-shot transcripts, multi-part prompts, system messages after the question
         yield [{"role": m["role"], "content": m["content"].strip()} for m in messages], ideal.strip()
 
 
