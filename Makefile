@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install run test test-slow lint format clean bench-venv
+.PHONY: install run test test-slow lint format clean bench-venv chromium
 
 install: $(STAMP)
 
@@ -22,13 +22,14 @@ $(STAMP): pyproject.toml Makefile
 
 run: $(STAMP)
 	$(BIN)/gptline run $(ARGS)
-	@echo "Talk to the RLHF model:   $(BIN)/gptline chat ppo      (or: chat sft; sample pretrain \"Once upon\")"
+	@echo "Open the report above in a browser. Talk to the RLHF model:   $(BIN)/gptline chat ppo"
+	@echo "(or: $(BIN)/gptline chat sft; $(BIN)/gptline sample pretrain \"Once upon\")"
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/pytest -q
 
 # Fault injection and longer end-to-end runs (CI runs these too).
-test-slow: $(STAMP)
+test-slow: $(STAMP) chromium
 	$(BIN)/pytest -q -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests collected"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)
@@ -44,6 +45,15 @@ bench-venv:
 	test -x .venv-trl/bin/python || $(PYTHON) -m venv .venv-trl
 	.venv-trl/bin/pip install -q torch==2.13.0
 	.venv-trl/bin/pip install -q trl==1.12.0
+
+# Headless Chromium for the report's screenshot tests: Debian's package (root or sudo). Without it those tests skip,
+# unless GPTLINE_REQUIRE_CHROMIUM is set (CI sets it).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null; } || \
+	  echo "note: could not install chromium; the report screenshot tests will skip"; }
 
 clean:
 	rm -rf $(VENV) .venv-trl store .pytest_cache .ruff_cache

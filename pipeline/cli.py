@@ -6,6 +6,7 @@
     gptline ls [STAGE]
     gptline show STAGE/VERSION [--verify]
     gptline gc [--dry-run]
+    gptline report [RUN_ID]
 
 Overrides are Hydra's (`pretrain.lr=3e-4`, `cluster=remote`, `-m ppo.lr=1e-6,3e-6`). User errors print one line
 and exit 2; `--debug` shows the traceback. A run that finishes with a failed stage exits 1.
@@ -28,6 +29,7 @@ from pipeline.artifacts import Store
 from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config, parse_overrides
 from pipeline.dag import DAG, CommandSpec, load_commands, load_registry
 from pipeline.errors import GptlineError
+from pipeline.report import write_report
 from pipeline.runner import Runner, RunRecord, list_runs, new_run_id
 
 DEFAULT_REGISTRY = "stages:REGISTRY"
@@ -78,6 +80,7 @@ def _start_run(args: argparse.Namespace, specs: list, dag: DAG, overrides: list[
     print()
     print_status(store, run_id)
     print(f"artifacts: {store.uri}   (gptline ls, gptline show STAGE/VERSION)")
+    print(f"report:    {write_report(store, dag, run_id, Path(config['run']['scratch_dir']).expanduser())}")
     return run_id, ok
 
 
@@ -166,6 +169,17 @@ def print_status(store: Store, run_id: str) -> None:
             state += f": {node['error']}"
         rows.append([stage, version, state, _duration(node), _metrics(node)])
     print(_table(rows, ["stage", "version", "state", "duration", "metrics"]))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    runs = list_runs(store)
+    if not runs:
+        raise GptlineError(f"no runs in {store.uri}")
+    run_id = args.run_id or runs[-1]
+    registry = RunRecord(store, run_id, Path(".")).meta().get("registry", DEFAULT_REGISTRY)
+    print(write_report(store, DAG(load_registry(registry)), run_id, Path(args.scratch).expanduser()))
+    return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -267,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("ref", help="STAGE/VERSION (a unique version prefix is enough)")
     show.add_argument("--verify", action="store_true", help="check every file's sha256")
     show.set_defaults(func=cmd_show)
+
+    report = sub.add_parser("report", parents=[common, store_opt], help="write a run's HTML report")
+    report.add_argument("run_id", nargs="?", help="default: the newest run")
+    report.add_argument("--scratch", default="~/.cache/gptline/scratch", help="local copies of remote artifacts")
+    report.set_defaults(func=cmd_report)
 
     gc = sub.add_parser("gc", parents=[common, store_opt], help="remove partial and unreferenced artifacts")
     gc.add_argument("--dry-run", action="store_true")

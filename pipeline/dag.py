@@ -22,6 +22,7 @@ from typing import Any
 from pipeline.artifacts import NAME_RE, RUNS_DIR, artifact_version
 from pipeline.checks import at_least
 from pipeline.errors import DagError
+from pipeline.progress import Progress
 
 
 @dataclass
@@ -54,6 +55,7 @@ def serial_map(fn: Callable[[Any], Any], items: Sequence[Any], desc: str = "") -
 class StageContext:
     """What a running stage may know about its execution besides its config, inputs and output directory.
 
+    `progress(total, desc)` reports a long step's progress (see `pipeline/progress.py`).
     `map(fn, items, desc)` is how a data stage fans out: `fn` (a module-level function) is applied to every item
     and the results come back in order. Under the runner each call is a Ray task on `resources.cpus_per_worker`
     CPUs with at most `resources.num_workers` in flight; standalone it is a plain loop. The stage never sees Ray.
@@ -65,6 +67,7 @@ class StageContext:
     resumed: bool = False
     resources: StageResources = field(default_factory=StageResources)
     quiet: bool = False
+    progress: Progress = field(default_factory=Progress)  # `ctx.progress(total, desc)`: a bar, lines, or nothing
     log: Callable[[Mapping[str, Any], int | None], None] = lambda metrics, step=None: None
     save_partial: Callable[[], None] = lambda: None
     map: Callable[..., list[Any]] = serial_map
@@ -83,6 +86,9 @@ class StageSpec:
     version: int = 1
     resources: StageResources = field(default_factory=StageResources)
     starts_workers: bool = False
+    # What the run report shows of an artifact: `report(artifact_dir) -> [section, ...]`, plain data that
+    # `pipeline/report.py` draws (line charts, grouped bars, tables).
+    report: Callable[[Path], list[dict[str, Any]]] | None = None
 
     @property
     def key(self) -> str:

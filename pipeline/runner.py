@@ -40,6 +40,7 @@ from pipeline.artifacts import RUNS_DIR, Store
 from pipeline.config import typed
 from pipeline.dag import DAG, StageContext, StageResources, StageSpec
 from pipeline.errors import DagError, GptlineError, StoreError
+from pipeline.progress import BAR_STATE_TAG, Progress, default_mode
 from pipeline.tracking import Tracker
 
 
@@ -121,6 +122,7 @@ class NodeJob:
     lock_heartbeat_s: float
     scratch: str
     quiet: bool
+    progress: Progress
 
 
 @dataclass
@@ -141,8 +143,9 @@ class _Tee(io.TextIOBase):
         self.streams = streams
 
     def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
+        for i, stream in enumerate(self.streams):
+            if i == 0 or BAR_STATE_TAG not in text:  # progress-bar state is for the driver's screen, not the log
+                stream.write(text)
         return len(text)
 
     def flush(self) -> None:
@@ -214,8 +217,8 @@ def _build_lease(job: NodeJob) -> Iterator[None]:
 class RayMap:
     """`StageContext.map` under the runner: one Ray task per item, a bounded number in flight, results in order."""
 
-    def __init__(self, stage: str, resources: StageResources, quiet: bool):
-        self.stage, self.resources, self.quiet = stage, resources, quiet
+    def __init__(self, stage: str, resources: StageResources, progress: Progress):
+        self.stage, self.resources, self.progress = stage, resources, progress
 
     def __call__(self, fn: Any, items: list[Any], desc: str = "") -> list[Any]:
         remote = ray.remote(fn).options(
@@ -224,17 +227,15 @@ class RayMap:
         window = max(1, self.resources.num_workers)  # exactly num_workers at once (~1 ms gap between tasks)
         results: dict[int, Any] = {}
         in_flight: dict[ray.ObjectRef, int] = {}
-        next_item, done, last_report = 0, 0, 0.0
-        while next_item < len(items) or in_flight:
-            while next_item < len(items) and len(in_flight) < window:
-                in_flight[remote.remote(items[next_item])] = next_item
-                next_item += 1
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            results[in_flight.pop(ref)] = ray.get(ref)
-            done += 1
-            if not self.quiet and (time.time() - last_report > 2 or done == len(items)):
-                print(f"[{self.stage}] {desc or getattr(fn, '__name__', 'map')}: {done}/{len(items)}", flush=True)
-                last_report = time.time()
+        next_item = 0
+        with self.progress(len(items), f"[{self.stage}] {desc or getattr(fn, '__name__', 'map')}") as bar:
+            while next_item < len(items) or in_flight:
+                while next_item < len(items) and len(in_flight) < window:
+                    in_flight[remote.remote(items[next_item])] = next_item
+                    next_item += 1
+                [ref], _ = ray.wait(list(in_flight), num_returns=1)
+                results[in_flight.pop(ref)] = ray.get(ref)
+                bar.update(1)
         return [results[i] for i in range(len(items))]
 
 
@@ -302,9 +303,10 @@ def _run_stage(
         resumed=outcome.resumed,
         resources=job.resources,
         quiet=job.quiet,
+        progress=job.progress,
         log=tracker.log,
         save_partial=lambda: store.save_partial(stage, version, workdir),
-        map=RayMap(stage, job.resources, job.quiet),
+        map=RayMap(stage, job.resources, job.progress),
     )
     try:
         metrics = dict(job.spec.run(typed(job.spec.config_class, job.config), inputs, workdir, ctx) or {})
@@ -405,6 +407,7 @@ class Runner:
             lock_heartbeat_s=run_cfg["lock_heartbeat_s"],
             scratch=run_cfg["scratch_dir"],
             quiet=self.quiet,
+            progress=Progress(default_mode(self.quiet)),  # decided here, where the user's terminal is
         )
 
     def say(self, text: str) -> None:

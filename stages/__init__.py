@@ -1,11 +1,11 @@
 """The recipe's stages, registered in pipeline order.
 
 Each stage module defines a config dataclass, a VERSION and a `run(cfg, inputs, out_dir, ctx)` function; this
-registry is what `gptline run` executes. Stages join as they land (evaluate is still to come).
+registry is what `gptline run` executes.
 """
 
 from pipeline.dag import CommandSpec, StageResources, StageSpec
-from stages import chat, crawl_mix, fetch, ppo, pretrain, rm, sft, tokenize, tokenizer
+from stages import chat, crawl_mix, evaluate, fetch, ppo, pretrain, rm, sft, tokenize, tokenizer
 
 REGISTRY: list[StageSpec] = [
     StageSpec("fetch", fetch.run, fetch.FetchConfig, version=fetch.VERSION),
@@ -18,6 +18,7 @@ REGISTRY: list[StageSpec] = [
         version=crawl_mix.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
+        report=crawl_mix.report,
     ),
     StageSpec(
         "tokenizer",
@@ -35,6 +36,7 @@ REGISTRY: list[StageSpec] = [
         version=tokenize.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
+        report=tokenize.report,
     ),
     StageSpec(
         "pretrain",
@@ -44,6 +46,7 @@ REGISTRY: list[StageSpec] = [
         version=pretrain.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
+        report=pretrain.report,
     ),
     StageSpec(
         "sft",
@@ -53,6 +56,7 @@ REGISTRY: list[StageSpec] = [
         version=sft.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
+        report=sft.report,
     ),
     StageSpec(
         "rm",
@@ -62,6 +66,7 @@ REGISTRY: list[StageSpec] = [
         version=rm.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
+        report=rm.report,
     ),
     StageSpec(
         "ppo",
@@ -71,6 +76,16 @@ REGISTRY: list[StageSpec] = [
         version=ppo.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
+        report=ppo.report,
+    ),
+    StageSpec(
+        "evaluate",
+        evaluate.run,
+        evaluate.EvaluateConfig,
+        inputs=("pretrain", "sft", "rm", "ppo", "tokenize"),
+        version=evaluate.VERSION,
+        resources=StageResources(num_cpus=2.0),  # one process; torch uses this many threads
+        report=evaluate.report,
     ),
 ]
 

@@ -628,3 +628,22 @@ def render_report(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def report(directory: Path) -> list[dict[str, Any]]:
+    """The data report: documents per source through the filters, achieved vs target mixture, what was dropped."""
+    sources = json.loads((directory / "stats.json").read_text())["sources"]
+    names = sorted(sources)
+    dropped = [[name, reason, count] for name in names for reason, count in sorted(sources[name]["dropped"].items())]
+    duplicates = [[name, kind, count] for name in names for kind, count in sorted(sources[name]["duplicates"].items())
+                  if count]  # fmt: skip
+    return [
+        {"kind": "bars", "title": "documents per source", "categories": names, "y_label": "documents",
+         "series": {key: [sources[n][key] for n in names] for key in ("records", "after_filter", "train_docs")}},
+        {"kind": "bars", "title": "mixture: target vs achieved (share of training characters)", "categories": names,
+         "series": {"target": [sources[n]["target_fraction"] for n in names],
+                    "achieved": [sources[n]["achieved_fraction"] for n in names]}},
+        {"kind": "table", "title": "filter drops", "columns": ["source", "filter", "documents"], "rows": dropped},
+        {"kind": "table", "title": "duplicates removed", "columns": ["source", "kind", "documents"],
+         "rows": duplicates},
+    ]  # fmt: skip

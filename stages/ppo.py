@@ -43,6 +43,7 @@ from pipeline.config import typed
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 from pipeline.faults import fault_point
+from pipeline.progress import Progress
 from stages.data.chat import ChatTemplate, Skipped, read_prompts
 from stages.model.export import export, load
 from stages.model.generate import SamplingConfig, generate
@@ -58,6 +59,7 @@ from stages.training.loop import (
     consolidated_state,
     gather_rng,
     launch,
+    log_sections,
     worker_context,
 )
 
@@ -499,6 +501,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     if log is not None and state is None:
         log.truncate(0)
     record: dict[str, Any] = {}
+    bar = (loop["progress"] if rank == 0 else Progress("quiet"))(cfg.iterations, "[ppo] iterations", every_s=0)
+    bar.update(iteration)
     while iteration < cfg.iterations:
         iteration += 1
         batch_prompts = [p for p in next(prompts) if p is not None]
@@ -513,16 +517,14 @@ def train_loop(loop: dict[str, Any]) -> None:
                      list(zip(batch_prompts, exp.texts, exp.raw_scores, strict=True))[: cfg.num_samples]]  # fmt: skip
             log.write(json.dumps({**record, "samples": shown}) + "\n")
             log.flush()
-            if not loop["quiet"]:
-                print(f"[ppo] iteration {iteration}/{cfg.iterations} reward {record['reward_mean']:+.3f} kl "
-                      f"{record['kl']:.3f} entropy {record['entropy']:.3f} length {record['answer_length']:.1f} "
-                      f"beta {record['beta']:.4f}", flush=True)  # fmt: skip
+        bar.update(1, **{k: record[k] for k in ("reward_mean", "kl", "entropy", "answer_length", "beta")})
         if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
             client = {"iteration": iteration, "beta": kl_control.beta, "prompts": prompts.state_dict(),
                       "ptx": ptx.state_dict() if ptx is not None else None, "rng": gather_rng(world)}  # fmt: skip
             policy_checkpoints.save(policy, iteration, client)
             value_checkpoints.save(value, iteration, {})
             fault_point(f"ppo.after_checkpoint_{iteration}")
+    bar.close()
     state_dict = consolidated_state(policy, cfg.deepspeed, out_dir / CHECKPOINTS / "policy", rank)
     if rank == 0:
         final_model = GPT(policy_model.cfg)
@@ -534,3 +536,11 @@ def train_loop(loop: dict[str, Any]) -> None:
         final.update(iterations=iteration, entropy_first=first["entropy"], reward_first=first["reward_mean"])
         (out_dir / FINAL).write_text(json.dumps(final) + "\n")
     barrier()
+
+
+def report(directory: Path) -> list[dict[str, Any]]:
+    """Reward, KL, entropy, answer length, clipping and value error per iteration; the last answers and rewards."""
+    return log_sections(directory, [("reward (normalized)", ("reward_mean", "score_mean")), ("KL to sft", ("kl",)),
+                                    ("entropy", ("entropy",)), ("answer length", ("answer_length",)),
+                                    ("clip fractions", ("policy_clipfrac", "value_clipfrac", "approx_kl")),
+                                    ("value error", ("value_error",))])  # fmt: skip

@@ -39,6 +39,7 @@ from stages.training.loop import (
     consolidated_state,
     fit,
     launch,
+    log_sections,
     micro_batch,
     worker_context,
 )
@@ -159,7 +160,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     def mfu(seconds: float, tokens: int) -> dict[str, float]:
         return {"mfu": tokens * flops_token / seconds / (peak * world)}
 
-    fit("pretrain", task, engine, optimizer, cfg, cfg.steps, out_dir, rank, world, loop["quiet"], mfu)
+    fit("pretrain", task, engine, optimizer, cfg, cfg.steps, out_dir, rank, world, loop["progress"], mfu)
     state = consolidated_state(engine, cfg.deepspeed, out_dir / CHECKPOINTS, rank)
     if rank == 0:
         final = GPT(model_cfg)
@@ -175,3 +176,9 @@ def checkpoint_blocks(model: GPT) -> None:
     for block in model.layers:
         forward = block.forward
         block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
+
+
+def report(directory: Path) -> list[dict[str, Any]]:
+    """Loss curves, learning rate, throughput and MFU, and the last samples (for the run report)."""
+    return log_sections(directory, [("loss", ("loss", "val_loss")), ("learning rate", ("lr",)),
+                                    ("tokens/s", ("tokens_per_s",)), ("MFU", ("mfu",))])  # fmt: skip

@@ -43,6 +43,7 @@ from stages.training.loop import (
     consolidated_state,
     fit,
     launch,
+    log_sections,
     micro_batch,
     worker_context,
 )
@@ -224,10 +225,16 @@ def train_loop(loop: dict[str, Any]) -> None:
     engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, loop["micro_batch"], cfg.grad_accum)
     template = ChatTemplate(sft)
     fit("rm", RMTask(cfg, loop, template, rank, world), engine, optimizer, cfg, loop["total_steps"], out_dir, rank,
-        world, loop["quiet"])  # fmt: skip
+        world, loop["progress"])  # fmt: skip
     state = consolidated_state(engine, cfg.deepspeed, out_dir / CHECKPOINTS, rank)
     if rank == 0:
         final = ScalarModel(model.cfg)
         final.load_state_dict(state)
         export(final, out_dir, sft, template.ids)
     barrier()
+
+
+def report(directory: Path) -> list[dict[str, Any]]:
+    """Pairwise loss, held-out accuracy and margin."""
+    return log_sections(directory, [("pairwise loss", ("loss", "val_loss")), ("held-out accuracy", ("val_accuracy",)),
+                                    ("held-out margin", ("val_margin",))])  # fmt: skip

@@ -45,6 +45,7 @@ from stages.training.loop import (
     consolidated_state,
     fit,
     launch,
+    log_sections,
     micro_batch,
     worker_context,
 )
@@ -242,7 +243,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     model = build_model(Path(loop["base"]), cfg.lora)
     engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, loop["micro_batch"], cfg.grad_accum)
     task = SFTTask(cfg, loop, ChatTemplate(tokenizer), rank, world)
-    fit("sft", task, engine, optimizer, cfg, loop["total_steps"], out_dir, rank, world, loop["quiet"])
+    fit("sft", task, engine, optimizer, cfg, loop["total_steps"], out_dir, rank, world, loop["progress"])
     state = consolidated_state(engine, cfg.deepspeed, out_dir / CHECKPOINTS, rank)
     if rank == 0:
         final = build_model(Path(loop["base"]), cfg.lora)
@@ -250,3 +251,8 @@ def train_loop(loop: dict[str, Any]) -> None:
         merge_lora(final)
         export(final, out_dir, tokenizer, ChatTemplate(tokenizer).ids)
     barrier()
+
+
+def report(directory: Path) -> list[dict[str, Any]]:
+    """Loss on assistant tokens (training and held out), learning rate, and the last answers."""
+    return log_sections(directory, [("loss (assistant tokens)", ("loss", "val_loss")), ("learning rate", ("lr",))])

@@ -151,3 +151,18 @@ def run(cfg: TokenizeConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
     metrics = {"train_tokens": summary["train"]["tokens"], "validation_tokens": summary["validation"]["tokens"]}
     metrics.update({f"train_tokens/{s}": n for s, n in summary["train"]["tokens_per_source"].items()})
     return metrics
+
+
+def report(directory: Path) -> list[dict[str, Any]]:
+    """Tokens per source in each split."""
+    summary = json.loads((directory / "tokens.json").read_text())
+    names = sorted(set().union(*(summary[split]["tokens_per_source"] for split in SPLITS)))
+    return [
+        {
+            "kind": "bars",
+            "title": "tokens per source",
+            "categories": names,
+            "y_label": "tokens",
+            "series": {split: [summary[split]["tokens_per_source"].get(n, 0) for n in names] for split in SPLITS},
+        }
+    ]

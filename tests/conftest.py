@@ -77,3 +77,18 @@ def pipeline(tmp_path: Path, ray_session: SimpleNamespace, capsys: pytest.Captur
     yield Pipeline(tmp_path / "store", ray_session, capsys)
     for marker in ray_session.fault_dir.iterdir():  # a fault a test armed but did not trigger
         marker.unlink()
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real sentencepiece tokenizer with the chat markers (trained on Shakespeare)."""
+    from tests.test_tokenizer import shakespeare_docs, train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("chat-tok"), shakespeare_docs()[:800], vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def template(tok: Path):
+    from stages.data.chat import ChatTemplate
+
+    return ChatTemplate(tok)

@@ -81,6 +81,21 @@ def squares(cfg: SquaresConfig, inputs: dict[str, Path], out_dir: Path, ctx: Sta
     return {"rows": len(x)}
 
 
+def numbers_report(directory: Path) -> list[dict]:
+    """What the run report draws for `numbers`: a histogram, the running mean, and a table with markup in it."""
+    x = read_dir(directory).column("x").to_numpy()
+    counts, edges = np.histogram(x, bins=5, range=(0, 1000))
+    running = np.cumsum(x) / np.arange(1, len(x) + 1)
+    return [
+        {"kind": "bars", "title": "histogram", "categories": [f"<{int(e)}" for e in edges[1:]],
+         "series": {"rows": counts.tolist()}},
+        {"kind": "lines", "title": "running mean", "series": {"mean": [[i, float(running[i])] for i in
+                                                                       range(0, len(x), 50)],
+                                                              "first": [[0, float(x[0])], [1, float("nan")]]}},
+        {"kind": "table", "title": "rows", "columns": ["name", "value"], "rows": [["<script>alert(1)</script>", 1]]},
+    ]  # fmt: skip
+
+
 @dataclass
 class EvensConfig:
     modulus: int = 2
@@ -109,7 +124,7 @@ def total(cfg: TotalConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageCo
 
 
 REGISTRY = [
-    StageSpec("numbers", numbers, NumbersConfig),
+    StageSpec("numbers", numbers, NumbersConfig, report=numbers_report),
     StageSpec("squares", squares, SquaresConfig, inputs=("numbers",)),
     StageSpec("evens", evens, EvensConfig, inputs=("numbers",)),
     StageSpec("total", total, TotalConfig, inputs=("squares", "evens")),

@@ -16,19 +16,8 @@ from stages.data.chat import ChatTemplate, Skipped, read_comparisons, read_conve
 from stages.model.export import export, load
 from stages.model.gpt import GPT, IGNORE_INDEX, ModelConfig, ScalarModel
 from stages.model.lora import LoRAConfig, apply_lora, merge_lora
-from tests.test_tokenizer import shakespeare_docs, train_tokenizer
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 128, "multiple_of": 16}
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    return train_tokenizer(tmp_path_factory.mktemp("chat-tok"), shakespeare_docs()[:800], vocab_size=400)
-
-
-@pytest.fixture(scope="module")
-def template(tok) -> ChatTemplate:
-    return ChatTemplate(tok)
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -1,5 +1,5 @@
 """The default pipeline as `make run` runs it (slow group), with fewer training steps: registry downloads, the
-pydoc crawl, crawl-mix, tokenizer, tokenize, pretrain, sft, rm, ppo."""
+pydoc crawl, crawl-mix, tokenizer, tokenize, pretrain, sft, rm, ppo, evaluate, and the run report."""
 
 from __future__ import annotations
 
@@ -97,3 +97,22 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_ses
     ):
         assert all(math.isfinite(r[key]) for r in log), key
     assert log[0]["samples"] and policy.manifest["metrics"]["entropy_first"] > 0
+
+    # evaluate: every model judged on held-out prompts; the sft-vs-sft control is a coin flip within noise.
+    [evaluation] = Store(str(store)).list("evaluate")
+    result = json.loads((Path(evaluation.path) / "evaluation.json").read_text())
+    control = next(m for m in result["matchups"] if m["a"] == "sft_resample")
+    assert abs(control["win_rate"] - 0.5) <= 3 * control["stderr"] + 1e-9
+    assert set(result["elo"]) == {"base", "sft", "ppo", "best_of_n"}
+    assert result["reward_model"]["accuracy"] == pytest.approx(reward.manifest["metrics"]["val_accuracy"], abs=1e-3)
+
+    # the report: every stage's section, and in headless Chromium the charts are drawn.
+    from tests.test_report import colour_pixels, screenshot
+
+    page = Path([line for line in out.splitlines() if line.startswith("report:")][-1].split(maxsplit=1)[1])
+    html = page.read_text()
+    for title in ("mixture: target vs achieved", "tokens per source", "KL to sft", "win rate judged by the reward",
+                  "answers side by side"):  # fmt: skip
+        assert title in html, title
+    png = screenshot(page, tmp_path / "report.png", height=12000)
+    assert colour_pixels(png, "#1f77b4") > 50_000 and colour_pixels(png, "#d62728") > 5_000

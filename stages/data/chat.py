@@ -238,5 +238,20 @@ class ChatTemplate:
         ids, _ = self.encode([*prompt, {"role": "assistant", "content": response}])
         return np.append(ids, self.ids["reward"])
 
+    def messages(self, ids: list[int]) -> list[Message]:
+        """The complete turns a sequence of template ids holds (the inverse of `encode`)."""
+        roles = {token: role for role, token in self.role_ids.items()}
+        found: list[Message] = []
+        role, content = None, []
+        for token in ids:
+            if token in roles:
+                role, content = roles[token], []
+            elif token == self.end_of_turn and role is not None:
+                found.append({"role": role, "content": self.sp.decode(content)})
+                role = None
+            elif role is not None:
+                content.append(token)
+        return found
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i != self.end_of_turn])

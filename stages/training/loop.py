@@ -29,6 +29,7 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 from pipeline.faults import fault_armed, fault_point
+from pipeline.progress import Progress
 from stages.training.engine import (
     Checkpoints,
     DeepSpeedConfig,
@@ -122,7 +123,7 @@ def fit(
     out_dir: Path,
     rank: int,
     world: int,
-    quiet: bool = False,
+    progress: Progress,
     extra_metrics: Callable[[float, int], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Train to `total_steps` (resuming from the newest checkpoint if there is one); returns the last log record.
@@ -143,6 +144,9 @@ def fit(
         log.truncate(0)
     record: dict[str, Any] = {}
     last = time.perf_counter()
+    bar = (progress if rank == 0 else Progress("quiet"))(total_steps, f"[{stage}] training", unit="step")
+    bar.update(step)
+    status: dict[str, float] = {}
     while step < total_steps:
         set_lr(optimizer, lr_at(step, total_steps, cfg.optim))
         losses: list[float] = []
@@ -190,15 +194,14 @@ def fit(
         if log is not None:
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if not quiet and (step % 10 == 0 or step == total_steps or step % cfg.eval_every == 0):
-                shown = " ".join(f"{k} {v:.4g}" for k, v in record.items()
-                                 if k not in ("step", "lr", "skipped_batches", "rollbacks", "samples"))  # fmt: skip
-                print(f"[{stage}] step {step}/{total_steps} {shown}", flush=True)
+        status.update((k, v) for k, v in record.items() if k in ("loss", "tokens_per_s", "mfu") or k.startswith("val_"))
+        bar.update(1, **status)
         if step % cfg.checkpoint_every == 0 or step == total_steps:
             client = {"step": step, "tokens_seen": tokens_seen, "loader": task.train.state_dict(),
                       "rng": gather_rng(world), "guard": guard.state_dict()}  # fmt: skip
             checkpoints.save(engine, step, client)
             fault_point(f"{stage}.after_checkpoint_{step}")  # crash tests kill a worker here
+    bar.close()
     if log is not None:
         log.close()
         # ZeRO-3 leaves each rank a slice of every parameter; ds_numel is the full size.
@@ -285,7 +288,7 @@ def launch(
     resources = {"CPU": ctx.resources.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = ctx.resources.gpus_per_worker
-    loop_config = {**loop_config, "out_dir": str(out_dir), "quiet": ctx.quiet,
+    loop_config = {**loop_config, "out_dir": str(out_dir), "progress": ctx.progress,
                    "threads": max(1, int(ctx.resources.cpus_per_worker))}  # fmt: skip
     trainer = TorchTrainer(
         worker,
@@ -307,3 +310,27 @@ def launch(
         record = json.loads(line)
         ctx.log({k: v for k, v in record.items() if k != "step" and not isinstance(v, list)}, record["step"])
     return json.loads((out_dir / FINAL).read_text())
+
+
+def log_sections(directory: Path, charts: list[tuple[str, tuple[str, ...]]]) -> list[dict[str, Any]]:
+    """What the run report shows of a training artifact: line charts of `train_log.jsonl` keys by step (one chart
+    per (title, keys)), and the last logged samples as a table."""
+    records = [json.loads(line) for line in (directory / LOG).read_text().splitlines() if line.strip()]
+    sections: list[dict[str, Any]] = [
+        {
+            "kind": "lines",
+            "title": title,
+            "x_label": "step",
+            "series": {
+                key: [[r["step"], r[key]] for r in records if isinstance(r.get(key), int | float)]
+                for key in keys
+                if any(key in r for r in records)
+            },
+        }
+        for title, keys in charts
+    ]
+    last = next((r for r in reversed(records) if r.get("samples")), None)
+    if last is not None:
+        sections.append({"kind": "table", "title": f"samples at step {last['step']}", "columns": ["sample"],
+                         "rows": [[s] for s in last["samples"]]})  # fmt: skip
+    return [s for s in sections if s["kind"] != "lines" or s["series"]]
