@@ -7,6 +7,7 @@
     gptline show STAGE/VERSION [--verify]
     gptline gc [--dry-run]
     gptline report [RUN_ID]
+    gptline plan --model llama-65b --tokens 1.4e12 --gpus 2048 [--gpu a100-80gb --zero 3 --mfu 0.4]
 
 Overrides are Hydra's (`pretrain.lr=3e-4`, `cluster=remote`, `-m ppo.lr=1e-6,3e-6`). User errors print one line
 and exit 2; `--debug` shows the traceback. A run that finishes with a failed stage exits 1.
@@ -293,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in load_commands(os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY)):
         extra = sub.add_parser(command.name, parents=[common, store_opt], help=command.help)
-        extra.add_argument("artifact", help="an exported model directory, STAGE/VERSION, or a stage (its newest)")
+        if command.takes_artifact:
+            extra.add_argument("artifact", help="an exported model directory, STAGE/VERSION, or a stage (its newest)")
         command.add_arguments(extra)
         extra.set_defaults(func=lambda args, _command=command: _run_command(_command, args))
     return parser
@@ -301,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_command(command: CommandSpec, args: argparse.Namespace) -> int:
     """Resolve ARTIFACT to a local directory (`args.path`), then hand over to the registry's command."""
+    if not command.takes_artifact:
+        return command.run(args)
     if Path(args.artifact, "config.json").exists():
         args.path = Path(args.artifact)
     else:

@@ -98,13 +98,14 @@ class StageSpec:
 @dataclass(frozen=True)
 class CommandSpec:
     """An extra `gptline` subcommand a registry module offers (its `COMMANDS` list, e.g. `chat`). The CLI mounts it
-    and resolves its ARTIFACT argument (a directory, STAGE/VERSION, or a stage name for its newest artifact) to a
-    local directory in `args.path`; what the command does is the registry module's business."""
+    and, when it takes one, resolves its ARTIFACT argument (a directory, STAGE/VERSION, or a stage name for its
+    newest artifact) to a local directory in `args.path`; what the command does is the registry module's business."""
 
     name: str
     help: str
     add_arguments: Callable[[Any], None]  # (argparse parser) -> None; ARTIFACT is added by the CLI
     run: Callable[[Any], int]  # (argparse namespace) -> exit code
+    takes_artifact: bool = True
 
 
 def load_commands(ref: str) -> list[CommandSpec]:
