@@ -7,6 +7,7 @@
     gptline show STAGE/VERSION [--verify]
     gptline gc [--dry-run]
     gptline report [RUN_ID]
+    gptline submit [OVERRIDE ...] --address http://HEAD:8265 [--no-wait]
     gptline plan --model llama-65b --tokens 1.4e12 --gpus 2048 [--gpu a100-80gb --zero 3 --mfu 0.4]
 
 Overrides are Hydra's (`pretrain.lr=3e-4`, `cluster=remote`, `-m ppo.lr=1e-6,3e-6`). User errors print one line
@@ -16,8 +17,11 @@ and exit 2; `--debug` shows the traceback. A run that finishes with a failed sta
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import re
+import shlex
 import socket
 import sys
 import time
@@ -31,9 +35,12 @@ from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config, par
 from pipeline.dag import DAG, CommandSpec, load_commands, load_registry
 from pipeline.errors import GptlineError
 from pipeline.report import write_report
-from pipeline.runner import Runner, RunRecord, list_runs, new_run_id
+from pipeline.runner import WORKER_ENV, Runner, RunRecord, list_runs, new_run_id
 
 DEFAULT_REGISTRY = "stages:REGISTRY"
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# Never uploaded with a submitted job: environments, stores, caches, VCS data.
+SUBMIT_EXCLUDES = [".venv", ".venv-trl", "store", ".git", "**/__pycache__", ".pytest_cache", ".ruff_cache", "wandb"]
 
 
 def _default_store() -> str:
@@ -55,9 +62,11 @@ def _start_run(args: argparse.Namespace, specs: list, dag: DAG, overrides: list[
     config = compose_config(specs, overrides, Path(args.config_dir))
     store = Store(config["store"]["root"])
     selection = dag.select(args.until or (), args.only or ())
-    run_id = new_run_id()
+    run_id = args.run_id or new_run_id()
     if not args.dry_run:
         store.check_writable()
+        if args.run_id and store.exists(store.path("runs", run_id)):
+            raise GptlineError(f"--run-id {run_id}: a run with this id is already in {store.uri}")
     runner = Runner(dag, config, store, selection, run_id)
     plans = runner.plan()
     print(f"plan for run {run_id} (store {store.uri}):")
@@ -92,6 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"no stages are registered in {args.registry} yet: there is nothing to run.")
         return 0
     points = expand_sweep(args.overrides) if args.multirun else [args.overrides]
+    if args.run_id and len(points) > 1:
+        raise GptlineError("--run-id names one run; a sweep makes one per point")
     outcomes = []
     for i, overrides in enumerate(points):
         if args.multirun:
@@ -119,6 +130,64 @@ def cmd_resume(args: argparse.Namespace) -> int:
     print()
     print_status(store, args.run_id)
     return 0 if ok else 1
+
+
+def _run_id(text: str) -> str:
+    if not RUN_ID_RE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run id (letters, digits, '-', '_')")
+    return text
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit `gptline run` to a cluster as a Ray Job: the working directory travels with it (runtime_env), the
+    run id is chosen here so the caller knows it at once, and the store must be one every node and this client
+    can reach (an object store URI, or an absolute path on a shared filesystem)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    if not args.address:
+        raise GptlineError("gptline submit needs --address http://HEAD:8265 (or RAY_API_SERVER_ADDRESS)")
+    specs = load_registry(args.registry)
+    config = compose_config(specs, [*args.overrides, "cluster=remote"], Path(args.config_dir))
+    root = config["store"]["root"]
+    if "://" not in root and not os.path.isabs(root):
+        raise GptlineError(f"store.root={root!r}: a cluster run needs shared storage every node reaches "
+                           "(s3://..., gs://..., hdfs://..., or an absolute path on a shared filesystem)")  # fmt: skip
+    run_id = new_run_id()
+    selection: list[str] = []
+    for name in ("until", "only"):
+        if getattr(args, name):
+            selection += [f"--{name}", *getattr(args, name)]
+    try:  # the job runs in a copy of this directory, so the config tree must be inside it
+        config_dir = Path(args.config_dir).resolve().relative_to(Path.cwd())
+    except ValueError:
+        raise GptlineError(f"--config-dir {args.config_dir}: must be inside the working directory "
+                           f"{Path.cwd()}, which is what the job uploads") from None  # fmt: skip
+    command = ["python", "-m", "pipeline", "run", "--run-id", run_id, "--registry", args.registry, "--config-dir",
+               str(config_dir), *selection, "cluster=remote", "cluster.address=auto", *args.overrides]  # fmt: skip
+    runtime_env = dict(config["cluster"]["runtime_env"] or {})
+    runtime_env.setdefault("working_dir", ".")
+    runtime_env.setdefault("excludes", SUBMIT_EXCLUDES)
+    runtime_env["env_vars"] = {**WORKER_ENV, **(runtime_env.get("env_vars") or {})}
+    client = JobSubmissionClient(args.address)
+    job = client.submit_job(entrypoint=shlex.join(command), submission_id=f"gptline-{run_id}",
+                            runtime_env=runtime_env, metadata={"gptline_run_id": run_id})  # fmt: skip
+    print(f"submitted run {run_id} as Ray job {job} to {args.address} (store {root})", flush=True)
+    if args.no_wait:
+        print(f"follow it: ray job logs -f {job} --address {args.address}; gptline status {run_id} --store {root}")
+        return 0
+
+    async def stream() -> None:
+        async for lines in client.tail_job_logs(job):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(stream())
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on: gptline status {run_id} --store {root}", file=sys.stderr)
+        return 130
+    status = client.get_job_status(job)
+    print(f"run {run_id}: Ray job {job} {status.value.lower()}")
+    return 0 if status == JobStatus.SUCCEEDED else 1
 
 
 def _duration(node: dict[str, Any]) -> str:
@@ -264,7 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", nargs="+", metavar="STAGE", help="run only these (their inputs must be committed)")
     run.add_argument("--registry", default=os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY))
     run.add_argument("--config-dir", default=str(DEFAULT_CONFIG_DIR))
+    run.add_argument("--run-id", type=_run_id, help="the id to record the run under (gptline submit sets it)")
     run.set_defaults(func=cmd_run)
+
+    submit = sub.add_parser(
+        "submit",
+        parents=[common],
+        help="run the pipeline on a Ray cluster as a Ray Job and stream its logs",
+        usage="gptline submit [OVERRIDE ...] --address http://HEAD:8265 [--no-wait]",
+    )
+    submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+                        help="the cluster's dashboard (Jobs API), e.g. http://head:8265; default $RAY_API_SERVER_ADDRESS")  # fmt: skip
+    submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    submit.add_argument("--until", nargs="+", metavar="STAGE")
+    submit.add_argument("--only", nargs="+", metavar="STAGE")
+    submit.add_argument("--registry", default=os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY))
+    submit.add_argument("--config-dir", default=str(DEFAULT_CONFIG_DIR))
+    submit.set_defaults(func=cmd_submit)
 
     resume = sub.add_parser("resume", parents=[common, store_opt], help="continue a failed or interrupted run")
     resume.add_argument("run_id")
@@ -328,7 +413,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Overrides may stand before, between or after options, so they are whatever argparse does not know.
     args, extra = parser.parse_known_args(argv)
     unknown_options = [a for a in extra if a.startswith("-")]
-    if unknown_options or (extra and args.command != "run"):
+    if unknown_options or (extra and args.command not in ("run", "submit")):
         parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
     # `--only ppo ppo.iterations=3`: nargs="+" swallows the override; stage names never hold "=".
     for option in ("only", "until"):

@@ -341,15 +341,21 @@ class NodePlan:
     action: str  # reuse, resume or run
 
 
+# Ray Train workers re-log every print() through a logger as well as to stdout, so each progress line reached the
+# terminal twice; stdout alone is what the run's log and the terminal show.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for the entrypoint of a submitted job
+
+
 def connect_ray(cluster: dict[str, Any]) -> bool:
     """Join the configured cluster, or start an embedded Ray. True when this call started Ray."""
     if ray.is_initialized():
         return False
     runtime_env = dict(cluster["runtime_env"] or {})
-    # Ray Train workers re-log every print() through a logger as well as to stdout, so each progress line reached
-    # the terminal twice; stdout alone is what the run's log and the terminal show.
-    runtime_env["env_vars"] = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **(runtime_env.get("env_vars") or {})}
+    runtime_env["env_vars"] = {**WORKER_ENV, **(runtime_env.get("env_vars") or {})}
     kwargs: dict[str, Any] = {"namespace": cluster["namespace"], "log_to_driver": True, "runtime_env": runtime_env}
+    if JOB_DRIVER_ENV in os.environ:  # the driver of a submitted Ray Job: the job already carries its runtime env
+        kwargs.pop("runtime_env")
     address = cluster["address"] or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)

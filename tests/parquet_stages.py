@@ -72,10 +72,12 @@ def numbers(cfg: NumbersConfig, inputs: dict[str, Path], out_dir: Path, ctx: Sta
 @dataclass
 class SquaresConfig:
     power: int = 2
+    delay_s: float = 0.0  # so that squares and evens overlap in the cluster tests
 
 
 def squares(cfg: SquaresConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext) -> dict:
     ledger(ctx, out_dir, "start")
+    time.sleep(cfg.delay_s)
     x = read_dir(inputs["numbers"]).column("x")
     write_atomically(pa.table({"y": pc.power(x, cfg.power)}), out_dir / "squares.parquet")
     return {"rows": len(x)}
@@ -99,10 +101,12 @@ def numbers_report(directory: Path) -> list[dict]:
 @dataclass
 class EvensConfig:
     modulus: int = 2
+    delay_s: float = 0.0
 
 
 def evens(cfg: EvensConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext) -> dict:
     ledger(ctx, out_dir, "start")
+    time.sleep(cfg.delay_s)
     table = read_dir(inputs["numbers"])
     kept = table.filter(pc.equal(pc.bit_wise_and(table.column("x"), cfg.modulus - 1), 0))
     write_atomically(kept, out_dir / "evens.parquet")
