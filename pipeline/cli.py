@@ -25,9 +25,11 @@ import shlex
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import ray
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
 from pipeline.artifacts import Store
@@ -35,7 +37,7 @@ from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config, par
 from pipeline.dag import DAG, CommandSpec, load_commands, load_registry
 from pipeline.errors import GptlineError
 from pipeline.report import write_report
-from pipeline.runner import WORKER_ENV, Runner, RunRecord, list_runs, new_run_id
+from pipeline.runner import WORKER_ENV, Runner, RunRecord, connect_ray, list_runs, new_run_id
 
 DEFAULT_REGISTRY = "stages:REGISTRY"
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -58,8 +60,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [point for batch in BasicSweeper.split_arguments(parse_overrides(overrides), None) for point in batch]
 
 
-def _start_run(args: argparse.Namespace, specs: list, dag: DAG, overrides: list[str]) -> tuple[str, bool]:
-    config = compose_config(specs, overrides, Path(args.config_dir))
+def _start_run(args: argparse.Namespace, dag: DAG, overrides: list[str], config: dict) -> tuple[str, bool, Store]:
     store = Store(config["store"]["root"])
     selection = dag.select(args.until or (), args.only or ())
     run_id = args.run_id or new_run_id()
@@ -72,7 +73,7 @@ def _start_run(args: argparse.Namespace, specs: list, dag: DAG, overrides: list[
     print(f"plan for run {run_id} (store {store.uri}):")
     print(_table([[p.stage, p.version, p.action] for p in plans], ["stage", "version", "action"]))
     if args.dry_run:
-        return run_id, True
+        return run_id, True, store
     runner.record.write_config(config)
     runner.record.write_meta(
         {
@@ -91,7 +92,7 @@ def _start_run(args: argparse.Namespace, specs: list, dag: DAG, overrides: list[
     print_status(store, run_id)
     print(f"artifacts: {store.uri}   (gptline ls, gptline show STAGE/VERSION)")
     print(f"report:    {write_report(store, dag, run_id, Path(config['run']['scratch_dir']).expanduser())}")
-    return run_id, ok
+    return run_id, ok, store
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -103,16 +104,55 @@ def cmd_run(args: argparse.Namespace) -> int:
     points = expand_sweep(args.overrides) if args.multirun else [args.overrides]
     if args.run_id and len(points) > 1:
         raise GptlineError("--run-id names one run; a sweep makes one per point")
-    outcomes = []
-    for i, overrides in enumerate(points):
+    if args.parallel < 1:
+        raise GptlineError(f"--parallel {args.parallel}: must be >= 1")
+    parallel = min(args.parallel, len(points))
+    if parallel > 1 and args.dry_run:
+        parallel = 1
+
+    # Composed here, one after another: Hydra's global state is not thread-safe.
+    configs = [compose_config(specs, overrides, Path(args.config_dir)) for overrides in points]
+
+    def point(i: int) -> tuple[int, list[str], str, bool, Store]:
         if args.multirun:
-            print(f"\n== sweep point {i}: {' '.join(overrides) or '(defaults)'}")
-        run_id, ok = _start_run(args, specs, dag, overrides)
-        outcomes.append((i, overrides, run_id, ok))
+            print(f"\n== sweep point {i}: {' '.join(points[i]) or '(defaults)'}", flush=True)
+        return (i, points[i], *_start_run(args, dag, points[i], configs[i]))
+
+    if parallel == 1:
+        outcomes = [point(i) for i in range(len(points))]
+    else:  # one Ray for every point; each point's runner builds what is missing, build leases keep builds single
+        started = connect_ray(configs[0]["cluster"])
+        try:
+            with ThreadPoolExecutor(parallel) as pool:
+                outcomes = list(pool.map(point, range(len(points))))
+        finally:
+            if started:
+                ray.shutdown()
     if args.multirun and not args.dry_run:
-        rows = [[str(i), " ".join(o), r, "done" if ok else "failed"] for i, o, r, ok in outcomes]
-        print("\n" + _table(rows, ["point", "overrides", "run", "status"]))
-    return 0 if all(ok for *_, ok in outcomes) else 1
+        print("\n" + sweep_summary(outcomes))
+    return 0 if all(ok for _, _, _, ok, _ in outcomes) else 1
+
+
+def sweep_summary(outcomes: list[tuple[int, list[str], str, bool, Store]]) -> str:
+    """One row per point: its overrides, run, state, the last stage's headline metrics, and the artifact versions
+    that differ between points; the versions every point shares (built once) below the table."""
+    versions, metrics = [], []
+    for _, _, run_id, _, store in outcomes:
+        record = RunRecord(store, run_id, Path("."))
+        nodes = [tuple(n) for n in record.meta().get("nodes", [])]
+        versions.append(dict(nodes))
+        metrics.append(_metrics(record.node(nodes[-1][0])) if nodes else "")
+    stages = list(dict.fromkeys(s for v in versions for s in v))
+    shared = [s for s in stages if len({v.get(s) for v in versions}) == 1]
+    differing = [s for s in stages if s not in shared]
+    common = set.intersection(*(set(o) for _, o, *_ in outcomes))  # shown once, not in every row
+    rows = [[str(i), " ".join(x for x in o if x not in common), run_id, "done" if ok else "failed", m,
+             " ".join(f"{s}/{v.get(s, '-')}" for s in differing)]
+            for (i, o, run_id, ok, _), v, m in zip(outcomes, versions, metrics, strict=True)]  # fmt: skip
+    table = _table(rows, ["point", "overrides", "run", "status", "metrics", "versions"])
+    if common:
+        table += "\nevery point also: " + " ".join(sorted(common))
+    return table + "\nshared by every point: " + (" ".join(f"{s}/{versions[0][s]}" for s in shared) or "nothing")
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -328,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="gptline run [OVERRIDE ...] [options]   (Hydra overrides such as pretrain.lr=3e-4, anywhere)",
     )
     run.add_argument("-m", "--multirun", action="store_true", help="sweep: one run per override combination")
+    run.add_argument("--parallel", type=int, default=1, metavar="N", help="sweep points run N at a time")
     run.add_argument("--dry-run", action="store_true", help="print the plan and start nothing")
     run.add_argument("--until", nargs="+", metavar="STAGE", help="run these stages and what they need")
     run.add_argument("--only", nargs="+", metavar="STAGE", help="run only these (their inputs must be committed)")

@@ -150,11 +150,17 @@ def test_dry_run_prints_the_plan_and_starts_nothing(pipeline):
     assert plan == {"numbers": "reuse", "squares": "run", "evens": "run", "total": "run"}
 
 
-def test_sweep_reuses_shared_upstream_artifacts(pipeline):
-    assert pipeline.run("-m", "total.scale=1.0,2.0,3.0") == 0
+@pytest.mark.parametrize("parallel", ["1", "3"])
+def test_sweep_reuses_shared_upstream_artifacts(pipeline, parallel):
+    """Three points over a knob of the last stage: the stages they share run once, also with points at once."""
+    assert pipeline.run("-m", "total.scale=1.0,2.0,3.0", "numbers.delay_s=0.3", "--parallel", parallel) == 0
     assert sorted(pipeline.executions()) == sorted(["numbers", "squares", "evens", "total", "total", "total"])
     out = pipeline.capsys.readouterr().out
-    assert "total.scale=3.0" in out and out.count("done") >= 3
+    summary = out[out.index("point  overrides") :]
+    assert summary.count(" done ") == 3 and "total=" in summary  # the last stage's metric per point
+    [shared] = [line for line in summary.splitlines() if line.startswith("shared by every point:")]
+    assert [p.split("/")[0] for p in shared.split(": ")[1].split()] == ["numbers", "squares", "evens"]
+    assert summary.count("total/") == 3
 
 
 def test_status_ls_show_and_gc(pipeline):
