@@ -187,13 +187,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.address:
         raise GptlineError("gptline submit needs --address http://HEAD:8265 (or RAY_API_SERVER_ADDRESS)")
     specs = load_registry(args.registry)
-    config = compose_config(specs, [*args.overrides, "cluster=remote"], Path(args.config_dir))
-    root = config["store"]["root"]
-    if "://" not in root and not os.path.isabs(root):
-        raise GptlineError(f"store.root={root!r}: a cluster run needs shared storage every node reaches "
-                           "(s3://..., gs://..., hdfs://..., or an absolute path on a shared filesystem)")  # fmt: skip
-    run_id = new_run_id()
-    selection: list[str] = []
+    points = expand_sweep(args.overrides) if args.multirun else [args.overrides]
+    # Every point's config is checked here, before anything is sent.
+    configs = [compose_config(specs, [*overrides, "cluster=remote"], Path(args.config_dir)) for overrides in points]
+    config, root = configs[0], configs[0]["store"]["root"]
+    for point in configs:
+        shared = point["store"]["root"]
+        if "://" not in shared and not os.path.isabs(shared):
+            raise GptlineError(f"store.root={shared!r}: a cluster run needs shared storage every node reaches "
+                               "(s3://..., gs://..., hdfs://..., or an absolute path on a shared filesystem)")  # fmt: skip
+    run_id = new_run_id()  # a sweep's job is named by it; its points get their own run ids
+    selection: list[str] = ["-m", "--parallel", str(args.parallel)] if args.multirun else ["--run-id", run_id]
     for name in ("until", "only"):
         if getattr(args, name):
             selection += [f"--{name}", *getattr(args, name)]
@@ -202,18 +206,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except ValueError:
         raise GptlineError(f"--config-dir {args.config_dir}: must be inside the working directory "
                            f"{Path.cwd()}, which is what the job uploads") from None  # fmt: skip
-    command = ["python", "-m", "pipeline", "run", "--run-id", run_id, "--registry", args.registry, "--config-dir",
-               str(config_dir), *selection, "cluster=remote", "cluster.address=auto", *args.overrides]  # fmt: skip
+    command = ["python", "-m", "pipeline", "run", "--registry", args.registry, "--config-dir", str(config_dir),
+               *selection, "cluster=remote", "cluster.address=auto", *args.overrides]  # fmt: skip
     runtime_env = dict(config["cluster"]["runtime_env"] or {})
     runtime_env.setdefault("working_dir", ".")
-    runtime_env.setdefault("excludes", SUBMIT_EXCLUDES)
+    runtime_env["excludes"] = sorted({*SUBMIT_EXCLUDES, *(runtime_env.get("excludes") or [])})
     runtime_env["env_vars"] = {**WORKER_ENV, **(runtime_env.get("env_vars") or {})}
-    client = JobSubmissionClient(args.address)
-    job = client.submit_job(entrypoint=shlex.join(command), submission_id=f"gptline-{run_id}",
-                            runtime_env=runtime_env, metadata={"gptline_run_id": run_id})  # fmt: skip
-    print(f"submitted run {run_id} as Ray job {job} to {args.address} (store {root})", flush=True)
+    try:
+        client = JobSubmissionClient(args.address)
+        job = client.submit_job(entrypoint=shlex.join(command), submission_id=f"gptline-{run_id}",
+                                runtime_env=runtime_env, metadata={"gptline_run_id": run_id})  # fmt: skip
+    except (ConnectionError, RuntimeError) as e:
+        raise GptlineError(f"submitting to {args.address} failed: {e} (token auth: RAY_AUTH_MODE=token and the "
+                           "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token)") from e  # fmt: skip
+    follow = f"gptline status {'' if args.multirun else run_id + ' '}--store {root}"
+    what = f"a sweep of {len(points)} points" if args.multirun else f"run {run_id}"
+    print(f"submitted {what} as Ray job {job} to {args.address} (store {root})", flush=True)
     if args.no_wait:
-        print(f"follow it: ray job logs -f {job} --address {args.address}; gptline status {run_id} --store {root}")
+        print(f"follow it: ray job logs -f {job} --address {args.address}; {follow}")
         return 0
 
     async def stream() -> None:
@@ -223,10 +233,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         asyncio.run(stream())
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job goes on: gptline status {run_id} --store {root}", file=sys.stderr)
+        print(f"\nstopped following; the job goes on: {follow}", file=sys.stderr)
         return 130
     status = client.get_job_status(job)
-    print(f"run {run_id}: Ray job {job} {status.value.lower()}")
+    print(f"{what}: Ray job {job} {status.value.lower()}")
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
@@ -386,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
                         help="the cluster's dashboard (Jobs API), e.g. http://head:8265; default $RAY_API_SERVER_ADDRESS")  # fmt: skip
     submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    submit.add_argument("-m", "--multirun", action="store_true", help="a sweep, run by the job")
+    submit.add_argument("--parallel", type=int, default=1, metavar="N", help="sweep points run N at a time")
     submit.add_argument("--until", nargs="+", metavar="STAGE")
     submit.add_argument("--only", nargs="+", metavar="STAGE")
     submit.add_argument("--registry", default=os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY))

@@ -116,3 +116,16 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_ses
         assert title in html, title
     png = screenshot(page, tmp_path / "report.png", height=12000)
     assert colour_pixels(png, "#1f77b4") > 50_000 and colour_pixels(png, "#d62728") > 5_000
+
+    # a 3-point sweep over a PPO knob, points at once: pretrain, sft and rm are reused by every point, ppo built 3x.
+    capsys.readouterr()
+    sweep = ["-m", "ppo.kl.coef=0.02,0.1,0.5", "--parallel", "3", "--until", "ppo"]
+    assert main(["run", f"store.root={store}", "tracking=disabled", *short, "ppo.iterations=2", *sweep]) == 0
+    out = capsys.readouterr().out
+    [shared] = [line for line in out.splitlines() if line.startswith("shared by every point:")]
+    assert all(f"{stage}/" in shared for stage in ("pretrain", "sft", "rm"))
+    runs = sorted((store / "runs").iterdir())[-3:]
+    states = [{s: json.loads((r / "nodes" / f"{s}.json").read_text())["state"] for s in ("pretrain", "sft", "rm", "ppo")}
+              for r in runs]  # fmt: skip
+    assert states == [{"pretrain": "reused", "sft": "reused", "rm": "reused", "ppo": "done"}] * 3
+    assert len(Store(str(store)).list("ppo")) == 4  # the first run's and one per point
