@@ -8,6 +8,7 @@
     gptline gc [--dry-run]
     gptline report [RUN_ID]
     gptline submit [OVERRIDE ...] --address http://HEAD:8265 [--no-wait]
+    gptline tune SPEC.yaml [OVERRIDE ...]
     gptline plan --model llama-65b --tokens 1.4e12 --gpus 2048 [--gpu a100-80gb --zero 3 --mfu 0.4]
 
 Overrides are Hydra's (`pretrain.lr=3e-4`, `cluster=remote`, `-m ppo.lr=1e-6,3e-6`). User errors print one line
@@ -38,6 +39,7 @@ from pipeline.dag import DAG, CommandSpec, load_commands, load_registry
 from pipeline.errors import GptlineError
 from pipeline.report import write_report
 from pipeline.runner import WORKER_ENV, Runner, RunRecord, connect_ray, list_runs, new_run_id
+from pipeline.tune import load_spec, tune
 
 DEFAULT_REGISTRY = "stages:REGISTRY"
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -240,6 +242,36 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    spec = load_spec(Path(args.spec))
+    specs = load_registry(args.registry)
+    dag = DAG(specs)
+    stage = spec.objective.split(".")[0]
+    dag.check_known([stage])
+    args.run_id, args.dry_run, args.only = None, False, None
+    args.until = args.until or [stage]
+
+    def trial(overrides: list[str]) -> tuple[str, dict[str, Any] | None]:
+        overrides = [*overrides, *args.overrides]
+        print(f"\n== trial: {' '.join(overrides)}", flush=True)
+        run_id, ok, store = _start_run(args, dag, overrides, compose_config(specs, overrides, Path(args.config_dir)))
+        return run_id, (RunRecord(store, run_id, Path(".")).node(stage).get("metrics") or {}) if ok else None
+
+    results = tune(spec, trial)
+    rows = [[str(r["trial"]), " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in r["params"].items()),
+             "failed" if r["value"] is None else f"{r['value']:.4g}", r["run"]] for r in results]  # fmt: skip
+    print("\n" + _table(rows, ["trial", "params", spec.objective, "run"]))
+    finished = [r for r in results if r["value"] is not None]
+    if not finished:
+        return 1
+    pick = max if spec.direction == "maximize" else min
+    best = pick(finished, key=lambda r: r["value"])
+    print(f"best: trial {best['trial']} {spec.objective}={best['value']:.4g} with "
+          + " ".join(f"{k}={v}" for k, v in best["params"].items()))  # fmt: skip
+    return 0
+
+
 def _duration(node: dict[str, Any]) -> str:
     return f"{node['seconds']:.1f} s" if node.get("seconds") else ""
 
@@ -387,6 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", type=_run_id, help="the id to record the run under (gptline submit sets it)")
     run.set_defaults(func=cmd_run)
 
+    tune_cmd = sub.add_parser(
+        "tune",
+        parents=[common],
+        help="search config knobs with Optuna: one pipeline run per trial",
+        usage="gptline tune SPEC.yaml [OVERRIDE ...] [--until STAGE ...]",
+    )
+    tune_cmd.add_argument("spec", help="the search: objective STAGE.METRIC, direction, trials, params (conf/tune/)")
+    tune_cmd.add_argument("--until", nargs="+", metavar="STAGE", help="default: the objective's stage")
+    tune_cmd.add_argument("--registry", default=os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY))
+    tune_cmd.add_argument("--config-dir", default=str(DEFAULT_CONFIG_DIR))
+    tune_cmd.set_defaults(func=cmd_tune)
+
     submit = sub.add_parser(
         "submit",
         parents=[common],
@@ -466,7 +510,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Overrides may stand before, between or after options, so they are whatever argparse does not know.
     args, extra = parser.parse_known_args(argv)
     unknown_options = [a for a in extra if a.startswith("-")]
-    if unknown_options or (extra and args.command not in ("run", "submit")):
+    if unknown_options or (extra and args.command not in ("run", "submit", "tune")):
         parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
     # `--only ppo ppo.iterations=3`: nargs="+" swallows the override; stage names never hold "=".
     for option in ("only", "until"):

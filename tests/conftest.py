@@ -52,6 +52,12 @@ class Pipeline:
 
         return main([*args, "--store", str(self.store)])
 
+    def cli_plain(self, *args: str) -> int:
+        """A subcommand with its own options, the store given as an override (`tune`)."""
+        from pipeline.cli import main
+
+        return main([*args, f"store.root={self.store}", "tracking=disabled"])
+
     def arm(self, fault: str) -> None:
         (self.ray.fault_dir / fault).touch()
 
