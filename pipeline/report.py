@@ -60,7 +60,7 @@ def tick_label(value: float) -> str:
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e4, "k")):
         if abs(value) >= scale:
             return f"{value / scale:.3g}{suffix}" if suffix != "k" else f"{value / 1e3:.3g}k"
-    return f"{value:.3g}"
+    return f"{value:.4g}"
 
 
 # ---- charts --------------------------------------------------------------------------------------------------

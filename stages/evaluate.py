@@ -393,8 +393,8 @@ def report(directory: Path) -> list[dict[str, Any]]:
     return [
         {"kind": "bars", "title": f"win rate judged by the reward model ({e['prompts']} held-out prompts)",
          "categories": matchups, "series": {"win rate": [m["win_rate"] for m in e["matchups"]]}},
-        {"kind": "bars", "title": "Elo (Bradley-Terry on the same judgments)", "categories": players,
-         "series": {"Elo": [e["elo"][p] for p in players]}},
+        {"kind": "bars", "title": "Elo − 1000 (Bradley-Terry on the same judgments; mean 1000)",
+         "categories": players, "series": {"Elo − 1000": [e["elo"][p] - 1000 for p in players]}},
         {"kind": "table", "title": "win rates", "columns": ["model", "against", "win rate", "stderr", "ties",
                                                             "prompts"],
          "rows": [[m["a"], m["b"], m["win_rate"], m["stderr"], m["ties"], m["prompts"]] for m in e["matchups"]]},

@@ -14,7 +14,7 @@ converted into the plain formats crawl-mix reads:
 - `evals_choice`: multiple-choice samples of the `evals` registry as preference pairs for rm: the question stem as
   the prompt, the correct option's text as chosen and each wrong option's text as rejected.
 
-The web part is a real crawl: `python -m pydoc` serves documentation for every installed module on a local port,
+The web part is a real crawl: `python -m pydoc` serves documentation for the standard library on a local port,
 and a breadth-first crawler (seed URLs, robots.txt, same host only, page and depth limits, a delay between
 requests) records each request and response with warcio into a gzipped WARC, the format of Common Crawl.
 """
@@ -55,7 +55,7 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 2  # 2: evals samples with a system message after the question are left out
+VERSION = 3  # 3: the pydoc crawl covers the standard library only (it followed the virtualenv)
 CONVERTERS = ("mediawiki", "files", "chatterbot", "chatterbot_chat", "evals_chat", "evals_choice")
 
 
@@ -371,7 +371,9 @@ def crawl_pydoc(cfg: CrawlConfig, out: Path) -> dict[str, int]:
     """Serve pydoc on a free local port, crawl it into WARC files in `out`, stop the server."""
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "pydoc", "-n", "127.0.0.1", "-p", str(port)],
+        # -I -S: the standard library only (no site-packages, no user environment), so the crawl is the same
+        # for a given Python whatever else is installed in the virtualenv.
+        [sys.executable, "-I", "-S", "-m", "pydoc", "-n", "127.0.0.1", "-p", str(port)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
