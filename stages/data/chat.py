@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import zlib
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -60,20 +61,24 @@ def jsonl_records(patterns: list[str], key: str, skipped: Skipped) -> Iterator[t
     """(file:line, object) for every JSON object line of the matched files (plain or compressed)."""
     for path in expand_paths(patterns, [".jsonl", ".jsonl.gz", ".json"], key):
         fs, inner = filesystem(path)
-        with fs.open_input_stream(inner, compression="detect") as stream:
-            for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8", errors="replace"), 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    skipped.add("invalid_json", where)
-                    continue
-                if isinstance(record, dict):
-                    yield where, record
-                else:
-                    skipped.add("not_an_object", where)
+        number = 0
+        try:
+            with fs.open_input_stream(inner, compression="detect") as stream:
+                for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8", errors="replace"), 1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{number}"
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        skipped.add("invalid_json", where)
+                        continue
+                    if isinstance(record, dict):
+                        yield where, record
+                    else:
+                        skipped.add("not_an_object", where)
+        except (OSError, EOFError, zlib.error):  # corrupt or truncated compression: the lines read so far stand
+            skipped.add("unreadable_rest_of_file", f"{path}:{number + 1}")
 
 
 # ---- conversations -----------------------------------------------------------------------------------------------

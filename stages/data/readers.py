@@ -13,6 +13,7 @@ import fnmatch
 import gzip
 import io
 import json
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ import pyarrow.parquet as pq
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 from warcio.archiveiterator import ArchiveIterator
-from warcio.exceptions import ArchiveLoadFailed
 
 from pipeline.errors import GptlineError
 
@@ -98,42 +98,48 @@ def _charset(content_type: str) -> str | None:
 
 def read_warc(stream, counts: Counter, extractor: str) -> Iterator[RawDocument]:
     """HTML responses (status 200) become documents; WET conversion records are taken as they are."""
+    records = iter(ArchiveIterator(stream, arc2warc=True))
     record_no = -1
-    try:
-        for record in ArchiveIterator(stream, arc2warc=True):
-            record_no += 1
-            kind = record.rec_type
-            if kind not in ("response", "resource", "conversion"):
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except Exception:
+            # Truncated or corrupt gzip (EOFError, zlib.error), garbage between records, a broken header
+            # (ArchiveLoadFailed, ValueError, AttributeError from its header parser): the rest of the file cannot
+            # be located. What was read before stands; the damage is counted. Found by tests/faults/test_fuzz.py.
+            counts["bad_records"] += 1
+            counts["truncated_files"] += 1
+            return
+        record_no += 1
+        kind = record.rec_type
+        if kind not in ("response", "resource", "conversion"):
+            continue
+        counts["records"] += 1
+        url = (record.rec_headers.get_header("WARC-Target-URI") or "").strip().strip("<>")
+        date = record.rec_headers.get_header("WARC-Date") or ""
+        try:
+            payload = record.content_stream().read()
+        except Exception:
+            counts["bad_records"] += 1
+            continue
+        if kind == "conversion":
+            yield RawDocument(payload.decode("utf-8", "replace"), url, record_no, date)
+            continue
+        if record.http_headers is not None:
+            status = record.http_headers.get_statuscode()
+            if status != "200":
+                counts["skipped_status"] += 1
                 continue
-            counts["records"] += 1
-            url = (record.rec_headers.get_header("WARC-Target-URI") or "").strip().strip("<>")
-            date = record.rec_headers.get_header("WARC-Date") or ""
-            try:
-                payload = record.content_stream().read()
-            except Exception:  # a record whose chunking or compression is broken: skip it, keep reading
-                counts["bad_records"] += 1
-                continue
-            if kind == "conversion":
-                yield RawDocument(payload.decode("utf-8", "replace"), url, record_no, date)
-                continue
-            if record.http_headers is not None:
-                status = record.http_headers.get_statuscode()
-                if status != "200":
-                    counts["skipped_status"] += 1
-                    continue
-                content_type = record.http_headers.get_header("Content-Type") or ""
-            else:
-                content_type = record.rec_headers.get_header("Content-Type") or ""
-            if not content_type.lower().startswith(HTML_TYPES):
-                counts["skipped_non_html"] += 1
-                continue
-            html = decode_html(payload, _charset(content_type))
-            yield RawDocument(html_to_text(html, extractor), url, record_no, date)
-    except (ArchiveLoadFailed, EOFError, OSError, ValueError):
-        # Truncated gzip, garbage between records, a broken header: the rest of the file cannot be located.
-        # What was read before stands; the damage is counted.
-        counts["bad_records"] += 1
-        counts["truncated_files"] += 1
+            content_type = record.http_headers.get_header("Content-Type") or ""
+        else:
+            content_type = record.rec_headers.get_header("Content-Type") or ""
+        if not content_type.lower().startswith(HTML_TYPES):
+            counts["skipped_non_html"] += 1
+            continue
+        html = decode_html(payload, _charset(content_type))
+        yield RawDocument(html_to_text(html, extractor), url, record_no, date)
 
 
 def read_jsonl(stream, counts: Counter, text_field: str, url_field: str) -> Iterator[RawDocument]:
@@ -204,5 +210,5 @@ def read_documents(
                 yield from read_jsonl(io.BufferedReader(stream), counts, text_field, url_field)  # adds readline
             else:
                 yield from read_plain_file(stream.read(), counts, strict_utf8=source_type == "code")
-    except (OSError, ValueError):  # truncated compression, a file that is not the format it claims
+    except (OSError, ValueError, EOFError, zlib.error):  # truncated or corrupt compression, not the format it claims
         counts["bad_files"] += 1
