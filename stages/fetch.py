@@ -43,14 +43,14 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from pipeline.artifacts import sha256_file
+from pipeline.artifacts import NAME_RE, sha256_file
 from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
@@ -75,8 +75,10 @@ class ArchiveConfig:
         for key in ("package", "version", "filename"):
             if not getattr(self, key):
                 return [(key, "must be set")]
-        if len(self.sha256) != 64:
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
             return [("sha256", "must be the file's 64-hex-digit sha256")]
+        if self.filename in (".", "..") or "/" in self.filename or "\\" in self.filename:
+            return [("filename", f"must be a plain file name (it names the cached file), got {self.filename!r}")]
         if self.convert not in CONVERTERS:
             return [("convert", f"must be one of {', '.join(CONVERTERS)}, got {self.convert!r}")]
         return []
@@ -102,6 +104,11 @@ class FetchConfig:
     archives: dict[str, ArchiveConfig] = field(default_factory=dict)
     crawl: CrawlConfig = field(default_factory=CrawlConfig)
     cache_dir: str = "~/.cache/gptline/downloads"
+
+    def validate(self) -> list[tuple[str, str]]:
+        # An archive's name is a directory of the artifact: it must not reach outside it.
+        return [(f"archives.{name}", "names must be lowercase letters, digits and '_'") for name in self.archives
+                if not NAME_RE.match(name)]  # fmt: skip
 
 
 # ---- downloads ------------------------------------------------------------------------------------------------
@@ -147,13 +154,21 @@ def archive_members(path: Path, patterns: list[str]) -> list[tuple[str, bytes]]:
         with zipfile.ZipFile(path) as zf:
             for name in zf.namelist():
                 if wanted(name) and not name.endswith("/"):
-                    found.append((name, zf.read(name)))
+                    found.append((safe_member_name(path, name), zf.read(name)))
     else:
         with tarfile.open(path) as tf:
             for member in tf.getmembers():
                 if member.isfile() and wanted(member.name):
-                    found.append((member.name, tf.extractfile(member).read()))
+                    found.append((safe_member_name(path, member.name), tf.extractfile(member).read()))
     return sorted(found)
+
+
+def safe_member_name(archive: Path, name: str) -> str:
+    """A member name that stays inside the directory it is written under ("zip slip": absolute paths and '..')."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
+        raise GptlineError(f"{archive.name}: member {name!r} would be written outside the artifact; refusing it")
+    return "/".join(parts)
 
 
 # ---- converters -----------------------------------------------------------------------------------------------

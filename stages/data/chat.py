@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import io
 import json
-import zlib
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field

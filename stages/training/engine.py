@@ -105,6 +105,7 @@ def init_deepspeed(model: GPT, optim: OptimConfig, ds: DeepSpeedConfig, micro_ba
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    weights_only_loads()
     optimizer = torch.optim.AdamW(
         param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps
     )
@@ -114,6 +115,20 @@ def init_deepspeed(model: GPT, optim: OptimConfig, ds: DeepSpeedConfig, micro_ba
     return engine, optimizer
 
 
+def weights_only_loads() -> None:
+    """Every `torch.load` in this process with `weights_only=True`, even where DeepSpeed passes False (its
+    checkpoint engine, `zero_to_fp32`): a checkpoint may hold tensors, plain containers and numbers, and the few
+    DeepSpeed classes allowlisted here (its loss scalers, plain attributes; its ZeRO stage enum; the (numel, start)
+    record of a parameter fragment), never an arbitrary pickled object, so a tampered checkpoint cannot run code
+    when a run resumes from it. Our own client state (RNG states included) is plain data for the same reason."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -121,12 +136,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as plain data (numpy's key array as a list), loadable with weights_only=True."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, keys.tolist(), int(position), int(has_gauss), float(gauss)]
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
 
 

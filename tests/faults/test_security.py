@@ -1,0 +1,106 @@
+"""Security: checkpoints load with weights_only (a pickle payload in a checkpoint never runs), our code never calls
+torch.load otherwise or unpickles data; secrets in the environment never reach manifests, run configs or logs;
+names from config and archives cannot escape the store or the artifact."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import DEFAULT_CONFIG_DIR, compose_config
+from pipeline.dag import load_registry
+from pipeline.errors import ConfigError, GptlineError
+from stages import fetch
+from tests.conftest import CONFIG_DIR, REGISTRY, ROOT
+
+EVIL = """
+import os, sys, torch
+from stages.training.engine import weights_only_loads
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[1],))
+
+torch.save({"module": {}, "client": Payload()}, sys.argv[2])
+weights_only_loads()
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+try:
+    TorchCheckpointEngine().load(sys.argv[2])  # DeepSpeed passes weights_only=False here
+except Exception as e:
+    print("refused:", type(e).__name__)
+"""
+
+
+def test_a_pickle_payload_in_a_checkpoint_never_runs(tmp_path):
+    marker, checkpoint = tmp_path / "pwned", tmp_path / "mp_rank_00_model_states.pt"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", EVIL, str(marker), str(checkpoint)], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert "refused: UnpicklingError" in out.stdout, out.stdout + out.stderr
+    assert not marker.exists()
+
+
+def test_our_code_never_unpickles():
+    sources = [p for d in ("pipeline", "stages", "bench") for p in (ROOT / d).rglob("*.py")]
+    for path in sources:
+        text = path.read_text()
+        assert "pickle.load" not in text and "allow_pickle=True" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+
+
+SECRETS = {"WANDB_API_KEY": "wandb-secret-9f3c1e", "AWS_SECRET_ACCESS_KEY": "aws-secret-7d2b4a",
+           "RAY_AUTH_TOKEN": "ray-token-5e8f0c", "HF_TOKEN": "hf-secret-1a6d9b"}  # fmt: skip
+
+
+def test_secrets_in_the_environment_never_reach_the_store(tmp_path):
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray, with the secrets
+    env.update(SECRETS, PYTHONPATH=str(ROOT), WANDB_MODE="offline")
+    command = [sys.executable, "-m", "pipeline", "run", "--registry", REGISTRY, "--config-dir", CONFIG_DIR,
+               f"store.root={store}", "tracking=offline"]  # fmt: skip
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    written = [p for p in store.rglob("*") if p.is_file()]
+    assert any("wandb" in str(p) for p in written) and any(p.name == "config.json" for p in written)
+    for path in written:
+        data = path.read_bytes()
+        for name, secret in SECRETS.items():
+            assert secret.encode() not in data, f"{name} found in {path}"
+
+
+def test_config_names_cannot_escape_the_artifact():
+    specs = load_registry("stages:REGISTRY")
+    with pytest.raises(ConfigError, match=r"fetch\.archives\.\.\./escape"):
+        compose_config(specs, ["+fetch.archives.../escape.package=x"], DEFAULT_CONFIG_DIR)
+    bad = fetch.ArchiveConfig(package="p", version="1", filename="../../evil.whl", sha256="a" * 64)
+    assert [k for k, _ in bad.validate()] == ["filename"]
+
+
+@pytest.mark.parametrize("name", ["../../outside.txt", "/etc/passwd", "pkg/../../outside.txt"])
+def test_archive_members_cannot_escape_the_artifact(tmp_path, name):
+    archive = tmp_path / "evil-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        info = tarfile.TarInfo(name)
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"evil"))
+    with pytest.raises(GptlineError, match="outside the artifact"):
+        fetch.archive_members(archive, ["*"])
+
+
+def test_refs_and_run_ids_from_the_command_line_cannot_escape_the_store(tmp_path, capsys):
+    from pipeline.cli import main
+
+    (tmp_path / "store").mkdir()
+    assert main(["show", "../../etc/passwd", "--store", str(tmp_path / "store")]) == 2
+    assert "error" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--run-id", "../escape", "--dry-run"])
+    assert not list(Path(tmp_path).glob("escape*"))
