@@ -384,6 +384,18 @@ class Store:
                 self.fs.delete_dir(self.partial_path(stage, version))
         return Artifact(stage, version, final, manifest)
 
+    def retire(self, stage: str, version: str) -> None:
+        """Take a committed artifact out of the store (to rebuild it: `gptline run --rebuild STAGE`). It stops
+        being visible first (renamed aside, or its manifest deleted), then its files go."""
+        final = self.artifact_path(stage, version)
+        if self.is_local:
+            aside = f"{final}.retired-{uuid.uuid4().hex[:8]}"
+            os.rename(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            self.fs.delete_file(f"{final}/{MANIFEST}")
+            self.fs.delete_dir(final)
+
     # ---- one builder per artifact ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, stage: str, version: str, ttl_s: float, heartbeat_s: float) -> Iterator[None]:

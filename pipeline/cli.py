@@ -70,7 +70,9 @@ def _start_run(args: argparse.Namespace, dag: DAG, overrides: list[str], config:
         store.check_writable()
         if args.run_id and store.exists(store.path("runs", run_id)):
             raise GptlineError(f"--run-id {run_id}: a run with this id is already in {store.uri}")
-    runner = Runner(dag, config, store, selection, run_id)
+    rebuild = tuple(getattr(args, "rebuild", None) or ())
+    dag.check_known(rebuild)
+    runner = Runner(dag, config, store, selection, run_id, rebuild)
     plans = runner.plan()
     print(f"plan for run {run_id} (store {store.uri}):")
     print(_table([[p.stage, p.version, p.action] for p in plans], ["stage", "version", "action"]))
@@ -411,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-m", "--multirun", action="store_true", help="sweep: one run per override combination")
     run.add_argument("--parallel", type=int, default=1, metavar="N", help="sweep points run N at a time")
+    run.add_argument("--rebuild", nargs="+", metavar="STAGE", default=[],
+                     help="build these again even though committed (an artifact found corrupt)")  # fmt: skip
     run.add_argument("--dry-run", action="store_true", help="print the plan and start nothing")
     run.add_argument("--until", nargs="+", metavar="STAGE", help="run these stages and what they need")
     run.add_argument("--only", nargs="+", metavar="STAGE", help="run only these (their inputs must be committed)")
@@ -513,7 +517,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown_options or (extra and args.command not in ("run", "submit", "tune")):
         parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
     # `--only ppo ppo.iterations=3`: nargs="+" swallows the override; stage names never hold "=".
-    for option in ("only", "until"):
+    for option in ("only", "until", "rebuild"):
         names = getattr(args, option, None) or []
         extra += [n for n in names if "=" in n]
         if names:

@@ -19,6 +19,7 @@ and `report` work from any machine that sees the store.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -123,6 +124,7 @@ class NodeJob:
     scratch: str
     quiet: bool
     progress: Progress
+    rebuild: bool = False  # replace the committed artifact of this version (it was found corrupt)
 
 
 @dataclass
@@ -258,6 +260,9 @@ def build_node(job: NodeJob, *upstream: NodeOutcome) -> NodeOutcome:
     )
     try:
         with _capture_output(record.local_file(f"logs/{stage}.log")), _build_lease(job):
+            if job.rebuild and store.is_committed(stage, version):
+                store.retire(stage, version)
+                print(f"[{stage}] rebuilding {version}: the committed artifact was retired", flush=True)
             if store.is_committed(stage, version):  # another run built it while we waited for the lease
                 outcome.state = "reused"
                 return outcome
@@ -338,7 +343,7 @@ def _run_stage(
 class NodePlan:
     stage: str
     version: str
-    action: str  # reuse, resume or run
+    action: str  # reuse, resume, run or rebuild
 
 
 # Ray Train workers re-log every print() through a logger as well as to stdout, so each progress line reached the
@@ -368,9 +373,13 @@ def connect_ray(cluster: dict[str, Any]) -> bool:
 class Runner:
     """Plans and executes one run of a selection of the DAG against a store."""
 
-    def __init__(self, dag: DAG, config: dict[str, Any], store: Store, selection: list[str], run_id: str):
+    def __init__(self, dag: DAG, config: dict[str, Any], store: Store, selection: list[str], run_id: str,
+                 rebuild: tuple[str, ...] = ()):  # fmt: skip
         self.dag, self.config, self.store, self.run_id = dag, config, store, run_id
-        self.selection = selection
+        self.selection, self.rebuild = selection, set(rebuild)
+        unselected = sorted(self.rebuild - set(selection))
+        if unselected:
+            raise DagError(f"--rebuild {' '.join(unselected)}: not in this run's selection")
         self.versions = dag.versions({spec.key: config.get(spec.key) for spec in dag.specs.values()})
         self.scratch = Path(config["run"]["scratch_dir"]).expanduser()
         self.record = RunRecord(store, run_id, self.scratch)
@@ -388,7 +397,7 @@ class Runner:
                         f"committed in {self.store.uri}; include it in the selection"
                     )
             if self.store.is_committed(name, version):
-                action = "reuse"
+                action = "rebuild" if name in self.rebuild else "reuse"
             elif self.store.has_partial(name, version):
                 action = "resume"
             else:
@@ -448,7 +457,7 @@ class Runner:
                 results[plan.stage] = NodeOutcome(plan.stage, plan.version, state)
                 continue
             upstream = [results.get(dep, NodeOutcome(dep, self.versions[dep], "reused")) for dep in spec.inputs]
-            job = self._job(plan.stage)
+            job = dataclasses.replace(self._job(plan.stage), rebuild=plan.action == "rebuild")
             self.record.set_node(plan.stage, state="pending", version=plan.version, error="")
             ref = task.options(
                 name=f"{plan.stage}:{plan.version}",

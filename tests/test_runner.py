@@ -100,6 +100,12 @@ def test_a_flipped_byte_in_an_input_is_detected_when_a_stage_reads_it(pipeline):
     assert pipeline.executions().count("squares") == 1  # the failing attempt never ran the stage function
     assert pipeline.cli("show", f"numbers/{numbers.version}", "--verify") == 2
     assert str(victim) in pipeline.capsys.readouterr().err
+    # The flag that recovers: rebuild the corrupt artifact (same version), then what needs it runs.
+    assert pipeline.run("squares.power=3", "--rebuild", "numbers") == 0
+    assert pipeline.capsys.readouterr().out.count("rebuild") >= 1
+    store.verify(store.load("numbers", numbers.version), full=True)
+    assert not list(Path(numbers.path).parent.glob("*.retired-*"))
+    assert pipeline.executions().count("numbers") == 2
 
 
 def test_two_runs_started_at_once_build_each_artifact_once(pipeline):
