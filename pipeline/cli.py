@@ -402,54 +402,50 @@ def build_parser() -> argparse.ArgumentParser:
     store_opt = argparse.ArgumentParser(add_help=False)
     store_opt.add_argument("--store", default=_default_store(), help="store root (default: $GPTLINE_STORE or ./store)")
 
+    pipeline_opts = argparse.ArgumentParser(add_help=False)  # for the commands that compose a config
+    pipeline_opts.add_argument("--registry", default=os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY))
+    pipeline_opts.add_argument("--config-dir", default=str(DEFAULT_CONFIG_DIR))
+
+    run_opts = argparse.ArgumentParser(add_help=False)  # what `run` and `submit` share: selection and sweeps
+    run_opts.add_argument("-m", "--multirun", action="store_true", help="sweep: one run per override combination")
+    run_opts.add_argument("--parallel", type=int, default=1, metavar="N", help="sweep points run N at a time")
+    run_opts.add_argument("--until", nargs="+", metavar="STAGE", help="run these stages and what they need")
+    run_opts.add_argument("--only", nargs="+", metavar="STAGE", help="run only these (their inputs must be committed)")
+
     parser = argparse.ArgumentParser(prog="gptline", description=__doc__.split("\n\n")[0], parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
         "run",
-        parents=[common],
+        parents=[common, pipeline_opts, run_opts],
         help="compose the config and run the pipeline",
         usage="gptline run [OVERRIDE ...] [options]   (Hydra overrides such as pretrain.lr=3e-4, anywhere)",
     )
-    run.add_argument("-m", "--multirun", action="store_true", help="sweep: one run per override combination")
-    run.add_argument("--parallel", type=int, default=1, metavar="N", help="sweep points run N at a time")
     run.add_argument("--rebuild", nargs="+", metavar="STAGE", default=[],
                      help="build these again even though committed (an artifact found corrupt)")  # fmt: skip
     run.add_argument("--dry-run", action="store_true", help="print the plan and start nothing")
-    run.add_argument("--until", nargs="+", metavar="STAGE", help="run these stages and what they need")
-    run.add_argument("--only", nargs="+", metavar="STAGE", help="run only these (their inputs must be committed)")
-    run.add_argument("--registry", default=os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY))
-    run.add_argument("--config-dir", default=str(DEFAULT_CONFIG_DIR))
     run.add_argument("--run-id", type=_run_id, help="the id to record the run under (gptline submit sets it)")
     run.set_defaults(func=cmd_run)
 
     tune_cmd = sub.add_parser(
         "tune",
-        parents=[common],
+        parents=[common, pipeline_opts],
         help="search config knobs with Optuna: one pipeline run per trial",
         usage="gptline tune SPEC.yaml [OVERRIDE ...] [--until STAGE ...]",
     )
     tune_cmd.add_argument("spec", help="the search: objective STAGE.METRIC, direction, trials, params (conf/tune/)")
     tune_cmd.add_argument("--until", nargs="+", metavar="STAGE", help="default: the objective's stage")
-    tune_cmd.add_argument("--registry", default=os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY))
-    tune_cmd.add_argument("--config-dir", default=str(DEFAULT_CONFIG_DIR))
     tune_cmd.set_defaults(func=cmd_tune)
 
     submit = sub.add_parser(
         "submit",
-        parents=[common],
+        parents=[common, pipeline_opts, run_opts],
         help="run the pipeline on a Ray cluster as a Ray Job and stream its logs",
         usage="gptline submit [OVERRIDE ...] --address http://HEAD:8265 [--no-wait]",
     )
     submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
                         help="the cluster's dashboard (Jobs API), e.g. http://head:8265; default $RAY_API_SERVER_ADDRESS")  # fmt: skip
     submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
-    submit.add_argument("-m", "--multirun", action="store_true", help="a sweep, run by the job")
-    submit.add_argument("--parallel", type=int, default=1, metavar="N", help="sweep points run N at a time")
-    submit.add_argument("--until", nargs="+", metavar="STAGE")
-    submit.add_argument("--only", nargs="+", metavar="STAGE")
-    submit.add_argument("--registry", default=os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY))
-    submit.add_argument("--config-dir", default=str(DEFAULT_CONFIG_DIR))
     submit.set_defaults(func=cmd_submit)
 
     resume = sub.add_parser("resume", parents=[common, store_opt], help="continue a failed or interrupted run")
