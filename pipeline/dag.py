@@ -9,12 +9,20 @@ A stage function has the signature `run(cfg, inputs, out_dir, ctx) -> metrics`: 
 `inputs` maps each input stage name to the local directory of that input's committed artifact, `out_dir` is the
 directory it writes into (it may already hold its own earlier partial work: `ctx.resumed` says so), and the
 returned dict of numbers goes into the manifest.
+
+A stage that can stop early (`StageSpec.stops_on_request`, the training stages) polls `stop_requested(out_dir)`
+and, when it turns true, checkpoints and raises `StageStopped`. While such a stage runs, `stop_on_sigterm` turns a
+SIGTERM to its process (a preemption notice from Slurm, Kubernetes or a person) into that request instead of an
+immediate exit, so the work since the last scheduled checkpoint is not lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,36 @@ class StageResources:
         return at_least(self, 0, "num_cpus", "num_gpus", "cpus_per_worker", "gpus_per_worker") + at_least(
             self, 1, "num_workers"
         )
+
+
+STOP_REQUEST = "STOP_REQUEST"  # a file in a stage's work directory: checkpoint and stop
+
+
+def stop_requested(out_dir: Path) -> bool:
+    return (Path(out_dir) / STOP_REQUEST).exists()
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(out_dir: Path, stage: str) -> Iterator[None]:
+    """While the block runs, SIGTERM writes STOP_REQUEST into `out_dir` instead of ending the process (the stage,
+    and every worker it started that sees `out_dir`, then checkpoints and stops). Python runs signal handlers on
+    the main thread only; elsewhere SIGTERM keeps its usual effect."""
+    marker = Path(out_dir) / STOP_REQUEST
+    marker.unlink(missing_ok=True)  # a request an earlier attempt already answered
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        marker.touch()
+        print(f"[{stage}] SIGTERM: checkpointing and stopping after the current step", flush=True)
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        marker.unlink(missing_ok=True)
 
 
 def serial_map(fn: Callable[[Any], Any], items: Sequence[Any], desc: str = "") -> list[Any]:
@@ -86,6 +124,7 @@ class StageSpec:
     version: int = 1
     resources: StageResources = field(default_factory=StageResources)
     starts_workers: bool = False
+    stops_on_request: bool = False  # honours STOP_REQUEST (see stop_on_sigterm): checkpoints, raises StageStopped
     # What the run report shows of an artifact: `report(artifact_dir) -> [section, ...]`, plain data that
     # `pipeline/report.py` draws (line charts, grouped bars, tables).
     report: Callable[[Path], list[dict[str, Any]]] | None = None

@@ -18,6 +18,11 @@ class DagError(GptlineError):
     """The stage graph is malformed (cycle, unknown stage) or a selection cannot be run."""
 
 
+class StageStopped(GptlineError):
+    """A stage checkpointed and stopped early because it was asked to (SIGTERM, a preemption notice); resuming the
+    run continues from that checkpoint."""
+
+
 class StoreError(GptlineError):
     """The artifact store cannot be opened, written or read."""
 

@@ -7,7 +7,8 @@ whole graph and runs independent stages concurrently. Inside the task (`build_no
    finds it committed and reuses it);
 2. verify and localize the inputs, open the stage's work directory (`<version>.partial/`, possibly holding earlier
    partial work: the stage resumes from it);
-3. call the stage function with its typed config, tee its output to the run's log, track its metrics;
+3. call the stage function with its typed config, tee its output to the run's log, track its metrics (a stage
+   that stops on request checkpoints on SIGTERM and fails the node with StageStopped; resume continues it);
 4. commit: checksums, manifest last, atomic rename.
 
 A user error (GptlineError) fails the node without retries; any other exception or a dead worker is retried by Ray
@@ -39,7 +40,7 @@ import ray
 
 from pipeline.artifacts import RUNS_DIR, Store
 from pipeline.config import typed
-from pipeline.dag import DAG, StageContext, StageResources, StageSpec
+from pipeline.dag import DAG, StageContext, StageResources, StageSpec, stop_on_sigterm
 from pipeline.errors import DagError, GptlineError, StoreError
 from pipeline.progress import BAR_STATE_TAG, Progress, default_mode
 from pipeline.tracking import Tracker
@@ -313,8 +314,10 @@ def _run_stage(
         save_partial=lambda: store.save_partial(stage, version, workdir),
         map=RayMap(stage, job.resources, job.progress),
     )
+    stoppable = stop_on_sigterm(workdir, stage) if job.spec.stops_on_request else contextlib.nullcontext()
     try:
-        metrics = dict(job.spec.run(typed(job.spec.config_class, job.config), inputs, workdir, ctx) or {})
+        with stoppable:
+            metrics = dict(job.spec.run(typed(job.spec.config_class, job.config), inputs, workdir, ctx) or {})
     except BaseException:
         tracker.finish(failed=True)
         store.save_partial(stage, version, workdir)

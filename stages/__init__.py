@@ -46,6 +46,7 @@ REGISTRY: list[StageSpec] = [
         version=pretrain.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
+        stops_on_request=True,
         report=pretrain.report,
     ),
     StageSpec(
@@ -56,6 +57,7 @@ REGISTRY: list[StageSpec] = [
         version=sft.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
+        stops_on_request=True,
         report=sft.report,
     ),
     StageSpec(
@@ -66,6 +68,7 @@ REGISTRY: list[StageSpec] = [
         version=rm.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
+        stops_on_request=True,
         report=rm.report,
     ),
     StageSpec(
@@ -76,6 +79,7 @@ REGISTRY: list[StageSpec] = [
         version=ppo.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
+        stops_on_request=True,
         report=ppo.report,
     ),
     StageSpec(

@@ -76,6 +76,10 @@ class SourceConfig:
     extensions: list[str] = field(default_factory=list)  # text / code trees; empty = the type's default
     rules: list[str] | None = None  # filter groups; None = the type's default (DEFAULT_RULES)
     split_on: str = ""  # text type: cut each file into documents at this separator (e.g. blank lines)
+    # Cut documents longer than this (characters; 0 = never) at paragraph breaks into pieces of about this size.
+    # The mixture samples whole documents, so a source of a few long ones (books) can only hit its target share
+    # to within one document; pieces make that grain fine.
+    chunk_chars: int = 0
 
     def validate(self) -> list[tuple[str, str]]:
         if self.type not in SOURCE_TYPES:
@@ -87,6 +91,8 @@ class SourceConfig:
         unknown = [r for r in self.rules or [] if r not in filters.RULE_GROUPS]
         if unknown:
             return [("rules", f"unknown rule group {unknown[0]!r}; known: {', '.join(filters.RULE_GROUPS)}")]
+        if self.chunk_chars < 0:
+            return [("chunk_chars", f"must be >= 0 (0 = keep documents whole), got {self.chunk_chars}")]
         return []
 
 
@@ -162,6 +168,7 @@ class FileJob:
     dedup: dict[str, Any]
     extractor: str
     split_on: str = ""
+    chunk_chars: int = 0
 
 
 # ---- phase 1: extract, filter, key --------------------------------------------------------------------------
@@ -197,8 +204,8 @@ def extract_and_filter(job: FileJob) -> dict[str, Any]:
     timings = {"extract": 0.0, "filter": 0.0, "dedup_keys": 0.0}
     bytes_in = chars_out = pii = 0
     start = time.perf_counter()
-    for doc in _split(read_documents(job.path, job.source_type, counts, job.text_field, job.url_field, job.extractor),
-                      job.split_on):  # fmt: skip
+    documents = read_documents(job.path, job.source_type, counts, job.text_field, job.url_field, job.extractor)
+    for doc in _split(documents, job.split_on, job.chunk_chars):
         read_done = time.perf_counter()
         timings["extract"] += read_done - start
         bytes_in += len(doc.text.encode("utf-8", "surrogatepass"))
@@ -251,14 +258,33 @@ def extract_and_filter(job: FileJob) -> dict[str, Any]:
     return stats
 
 
-def _split(documents, separator: str):
-    """Documents cut at `separator` (numbered by piece); unchanged when it is empty."""
+def _split(documents, separator: str, chunk_chars: int):
+    """Documents cut at `separator`, then into pieces of about `chunk_chars` at paragraph breaks (numbered by
+    piece); unchanged when neither is set."""
     for doc in documents:
-        if not separator:
+        if not separator and not chunk_chars:
             yield doc
             continue
-        for piece_no, piece in enumerate(p for p in doc.text.split(separator) if p.strip()):
+        pieces = (p for p in (doc.text.split(separator) if separator else [doc.text]) if p.strip())
+        chunks = (c for p in pieces for c in _chunks(p, chunk_chars))
+        for piece_no, piece in enumerate(chunks):
             yield RawDocument(piece, doc.url, doc.record * 1_000_000 + piece_no, doc.extra)
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    """`text` in consecutive runs of whole paragraphs, each closed once it reaches `size` characters (a
+    paragraph longer than `size` is a piece of its own); the whole text when size is 0."""
+    if not size or len(text) <= size:
+        return [text]
+    out, current = [], ""
+    for paragraph in text.split("\n\n"):
+        current = f"{current}\n\n{paragraph}" if current else paragraph
+        if len(current) >= size:
+            out.append(current)
+            current = ""
+    if current.strip():
+        out.append(current)
+    return out
 
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
@@ -438,6 +464,7 @@ def _file_jobs(cfg: CrawlMixConfig, inputs: dict[str, Path], work: Path) -> list
                     dedup=dedup_cfg,
                     extractor=cfg.extractor,
                     split_on=source.split_on,
+                    chunk_chars=source.chunk_chars,
                 )
             )
     return jobs

@@ -60,6 +60,8 @@ from stages.training.loop import (
     gather_rng,
     launch,
     log_sections,
+    stop_requested_on_any_rank,
+    stopped,
     worker_context,
 )
 
@@ -518,12 +520,17 @@ def train_loop(loop: dict[str, Any]) -> None:
             log.write(json.dumps({**record, "samples": shown}) + "\n")
             log.flush()
         bar.update(1, **{k: record[k] for k in ("reward_mean", "kl", "entropy", "answer_length", "beta")})
-        if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
+        stop = stop_requested_on_any_rank(out_dir)
+        if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations or stop:
             client = {"iteration": iteration, "beta": kl_control.beta, "prompts": prompts.state_dict(),
                       "ptx": ptx.state_dict() if ptx is not None else None, "rng": gather_rng(world)}  # fmt: skip
             policy_checkpoints.save(policy, iteration, client)
             value_checkpoints.save(value, iteration, {})
             fault_point(f"ppo.after_checkpoint_{iteration}")
+        if stop and iteration < cfg.iterations:
+            bar.close()
+            stopped(out_dir, iteration, rank, log)
+            return
     bar.close()
     state_dict = consolidated_state(policy, cfg.deepspeed, out_dir / CHECKPOINTS / "policy", rank)
     if rank == 0:

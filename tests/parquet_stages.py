@@ -4,7 +4,7 @@
              └─► evens ───┘
 
 `numbers` writes its chunks one file at a time (each atomically), so a crashed attempt leaves finished chunks in
-its partial directory and a resumed one writes only the rest. Every chunk written and every stage execution is
+its partial directory and a resumed one writes only the rest; asked to stop (SIGTERM), it stops after a chunk. Every chunk written and every stage execution is
 appended to the file named by GPTLINE_TEST_LEDGER, so tests can count what actually ran.
 """
 
@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dag import StageContext, StageSpec
+from pipeline.dag import StageContext, StageSpec, stop_requested
+from pipeline.errors import StageStopped
 from pipeline.faults import fault_point
 
 
@@ -66,6 +67,8 @@ def numbers(cfg: NumbersConfig, inputs: dict[str, Path], out_dir: Path, ctx: Sta
         ctx.log({"chunk": i}, i)
         time.sleep(cfg.delay_s)
         fault_point(f"numbers.after_chunk_{i}")
+        if stop_requested(out_dir) and i + 1 < cfg.chunks:
+            raise StageStopped(f"numbers was asked to stop and stopped after chunk {i}")
     return {"rows": cfg.chunks * cfg.rows_per_chunk}
 
 
@@ -128,7 +131,7 @@ def total(cfg: TotalConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageCo
 
 
 REGISTRY = [
-    StageSpec("numbers", numbers, NumbersConfig, report=numbers_report),
+    StageSpec("numbers", numbers, NumbersConfig, report=numbers_report, stops_on_request=True),
     StageSpec("squares", squares, SquaresConfig, inputs=("numbers",)),
     StageSpec("evens", evens, EvensConfig, inputs=("numbers",)),
     StageSpec("total", total, TotalConfig, inputs=("squares", "evens")),

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -188,6 +189,40 @@ def test_mixture_proportions_within_two_points_with_up_and_down_sampling(tmp_pat
     assert max(train.column("copy").to_pylist()) >= 1
     validation_ids = set(read_output(out, "validation").column("id").to_pylist())
     assert validation_ids and not validation_ids & set(train.column("id").to_pylist())  # split by document
+
+
+def test_long_documents_cut_into_paragraph_pieces_let_a_few_books_hit_their_share(tmp_path):
+    rng = np.random.default_rng(7)
+    books = tmp_path / "books"
+    books.mkdir()
+    originals = []
+    for i in range(6):  # six books of ~60k characters, each a big fraction of the mixture
+        text = "\n\n".join(" ".join(rng.choice(VOCAB, rng.integers(20, 120))) for _ in range(200))
+        (books / f"book{i}.txt").write_text(text)
+        originals.append(text)
+    write_jsonl(tmp_path / "web.jsonl", random_docs(rng, 400, (50, 300)))
+
+    def mixture(chunk_chars: int):
+        sources = {
+            "books": {"type": "text", "paths": [str(books)], "weight": 0.23, "rules": [], "chunk_chars": chunk_chars},
+            "web": {"type": "jsonl", "paths": [str(tmp_path / "web.jsonl")], "weight": 0.77, "rules": []},
+        }
+        return crawl_mix(tmp_path / f"chunk{chunk_chars}", sources, validation_fraction=0.0)
+
+    whole, _ = mixture(0)
+    pieces, out = mixture(5000)
+    assert whole["sources"]["books"]["after_filter"] == 6 and pieces["sources"]["books"]["after_filter"] > 60
+    error = {name: abs(s["achieved_fraction"] - s["target_fraction"]) for name, s in pieces["sources"].items()}
+    assert max(error.values()) < 0.005 < abs(whole["sources"]["books"]["achieved_fraction"] - 0.23)
+    # every piece is a run of whole paragraphs of one book, in order; together they are the book again
+    train = read_output(out)
+    by_book: dict[str, dict[str, str]] = {}
+    for row in train.filter(pc.equal(train.column("source"), "books")).to_pylist():
+        by_book.setdefault(row["path"], {})[row["id"]] = row["text"]
+    for path, texts in by_book.items():
+        book = originals[int(Path(path).stem.removeprefix("book"))]
+        assert all(t in book and not t.startswith("\n") for t in texts.values())
+        assert all(len(t) >= 5000 or book.endswith(t) for t in texts.values())
 
 
 def test_same_inputs_and_seed_give_byte_identical_shards(tmp_path):

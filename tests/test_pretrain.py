@@ -47,8 +47,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return {"tokenizer": tok_dir, "tokenize": tokens_dir}
 
 
-def train(inputs, out: Path, workers: int, **overrides) -> dict:
-    out.mkdir(parents=True)
+def train(inputs, out: Path, workers: int, exist_ok: bool = False, **overrides) -> dict:
+    out.mkdir(parents=True, exist_ok=exist_ok)
     cfg = typed(pretrain.PretrainConfig, {**SMALL, **overrides})
     ctx = StageContext("pretrain", resources=StageResources(num_workers=workers), quiet=True)
     return pretrain.run(cfg, inputs, out, ctx)

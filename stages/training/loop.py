@@ -8,7 +8,9 @@ optimizer steps: the LR schedule, the loss guard (a non-finite or spiking micro-
 backward pass; several in a row roll weights and optimizer back to the last checkpoint while the data position
 moves on), checkpoints every `checkpoint_every` steps inside the stage's partial directory (the DeepSpeed state,
 the loader position, every rank's RNG state, the guard; the last `keep_checkpoints` kept), exact resume from the
-newest one, evaluation and samples on their own schedules. Rank 0 writes one JSON line per step to `train_log.jsonl`
+newest one, evaluation and samples on their own schedules. Asked to stop (`stop_requested`, SIGTERM under the
+runner), every rank agrees on it after the current step, checkpoints there and returns; `launch` then raises
+`StageStopped` and keeps the checkpoints for the resume. Rank 0 writes one JSON line per step to `train_log.jsonl`
 and the last one to `final.json`. `consolidated_state` then gathers fp32 weights from every ZeRO partition for the
 stage's export.
 """
@@ -26,8 +28,8 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.checks import at_least
-from pipeline.dag import StageContext
-from pipeline.errors import GptlineError
+from pipeline.dag import StageContext, stop_requested
+from pipeline.errors import GptlineError, StageStopped
 from pipeline.faults import fault_armed, fault_point
 from pipeline.progress import Progress
 from stages.training.engine import (
@@ -196,11 +198,15 @@ def fit(
             log.flush()
         status.update((k, v) for k, v in record.items() if k in ("loss", "tokens_per_s", "mfu") or k.startswith("val_"))
         bar.update(1, **status)
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
+        stop = stop_requested_on_any_rank(out_dir)
+        if step % cfg.checkpoint_every == 0 or step == total_steps or stop:
             client = {"step": step, "tokens_seen": tokens_seen, "loader": task.train.state_dict(),
                       "rng": gather_rng(world), "guard": guard.state_dict()}  # fmt: skip
             checkpoints.save(engine, step, client)
             fault_point(f"{stage}.after_checkpoint_{step}")  # crash tests kill a worker here
+        if stop and step < total_steps:
+            bar.close()
+            return stopped(out_dir, step, rank, log)
     bar.close()
     if log is not None:
         log.close()
@@ -229,6 +235,21 @@ def _roll_back(stage: str, engine, checkpoints: Checkpoints, guard: LossGuard, r
     if rank == 0:
         print(f"[{stage}] rolled back to step {state['step']} (rollback {guard.rollbacks})", flush=True)
     return state["step"]
+
+
+def stop_requested_on_any_rank(out_dir: Path) -> bool:
+    """Whether to stop after this step, the same answer on every rank (each may see the request at a different
+    moment)."""
+    return sum_over_ranks(float(stop_requested(out_dir))) > 0
+
+
+def stopped(out_dir: Path, step: int, rank: int, log) -> dict[str, Any]:
+    """End a loop asked to stop after `step` (its checkpoint written): rank 0 leaves the mark `launch` reads."""
+    record = {"stopped_at_step": step}
+    if rank == 0:
+        log.close()
+        (out_dir / FINAL).write_text(json.dumps(record) + "\n")
+    return record
 
 
 def mean_over_ranks(value: torch.Tensor) -> float:
@@ -305,11 +326,17 @@ def launch(
     if result.error is not None:
         raise result.error
     shutil.rmtree(out_dir / "ray_train", ignore_errors=True)
+    final = json.loads((out_dir / FINAL).read_text())
+    if "stopped_at_step" in final:  # the checkpoints stay in out_dir for the resume
+        raise StageStopped(
+            f"{stage} was asked to stop (SIGTERM) and stopped after step {final['stopped_at_step']} with a checkpoint; "
+            "resuming the run continues from it"
+        )
     shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)  # the consolidated weights are the artifact
     for line in (out_dir / LOG).read_text().splitlines():
         record = json.loads(line)
         ctx.log({k: v for k, v in record.items() if k != "step" and not isinstance(v, list)}, record["step"])
-    return json.loads((out_dir / FINAL).read_text())
+    return final
 
 
 def log_sections(directory: Path, charts: list[tuple[str, tuple[str, ...]]]) -> list[dict[str, Any]]:
