@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import sys
 import time
@@ -36,7 +37,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from pipeline.artifacts import Store
 from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config, parse_overrides
 from pipeline.dag import DAG, CommandSpec, load_commands, load_registry
-from pipeline.errors import GptlineError
+from pipeline.errors import GptlineError, RunStopped
 from pipeline.report import write_report
 from pipeline.runner import WORKER_ENV, Runner, RunRecord, connect_ray, list_runs, new_run_id
 from pipeline.tune import load_spec, tune
@@ -96,7 +97,13 @@ def _start_run(args: argparse.Namespace, dag: DAG, overrides: list[str], config:
     print_status(store, run_id)
     print(f"artifacts: {store.uri}   (gptline ls, gptline show STAGE/VERSION)")
     print(f"report:    {write_report(store, dag, run_id, Path(config['run']['scratch_dir']).expanduser())}")
+    _raise_if_stopped(runner)  # also ends a sweep: its later points do not start
     return run_id, ok, store
+
+
+def _raise_if_stopped(runner: Runner) -> None:
+    if runner.sigterm:
+        raise RunStopped(f"run {runner.run_id} was stopped by SIGTERM; `gptline resume {runner.run_id}` continues it")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -173,6 +180,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     ok = runner.execute(plans)
     print()
     print_status(store, args.run_id)
+    _raise_if_stopped(runner)
     return 0 if ok else 1
 
 
@@ -215,7 +223,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     runtime_env = dict(config["cluster"]["runtime_env"] or {})
     runtime_env.setdefault("working_dir", ".")
     runtime_env["excludes"] = sorted({*SUBMIT_EXCLUDES, *(runtime_env.get("excludes") or [])})
-    runtime_env["env_vars"] = {**WORKER_ENV, **(runtime_env.get("env_vars") or {})}
+    # `ray job stop` (and a SIGTERM to this command, which calls it) sends the driver SIGTERM: its training stages
+    # checkpoint before they stop. Ray kills the job after RAY_JOB_STOP_WAIT_TIME_S (3 s unless told), too soon.
+    grace = {"RAY_JOB_STOP_WAIT_TIME_S": "300"}
+    runtime_env["env_vars"] = {**WORKER_ENV, **grace, **(runtime_env.get("env_vars") or {})}
     try:
         client = JobSubmissionClient(args.address)
         job = client.submit_job(entrypoint=shlex.join(command), submission_id=f"gptline-{run_id}",
@@ -230,7 +241,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"follow it: ray job logs -f {job} --address {args.address}; {follow}")
         return 0
 
-    async def stream() -> None:
+    def stop_job() -> None:
+        print(f"\nSIGTERM: stopping Ray job {job}; its running training stages checkpoint first", flush=True)
+        client.stop_job(job)
+
+    async def stream() -> None:  # a SIGTERM (Slurm's notice before the time limit, see cluster/) stops the job
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.run_in_executor(None, stop_job))
         async for lines in client.tail_job_logs(job):
             print(lines, end="", flush=True)
 
@@ -241,6 +258,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 130
     status = client.get_job_status(job)
     print(f"{what}: Ray job {job} {status.value.lower()}")
+    if status == JobStatus.STOPPED and not args.multirun:
+        print(f"continue it on a cluster node: RAY_ADDRESS=auto gptline resume {run_id} --store {root}")
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 

@@ -23,6 +23,10 @@ class StageStopped(GptlineError):
     run continues from that checkpoint."""
 
 
+class RunStopped(GptlineError):
+    """The run was stopped by SIGTERM after its running stages checkpointed; `gptline resume` continues it."""
+
+
 class StoreError(GptlineError):
     """The artifact store cannot be opened, written or read."""
 

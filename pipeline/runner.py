@@ -12,7 +12,10 @@ whole graph and runs independent stages concurrently. Inside the task (`build_no
 4. commit: checksums, manifest last, atomic rename.
 
 A user error (GptlineError) fails the node without retries; any other exception or a dead worker is retried by Ray
-up to `run.max_retries` times, each attempt resuming from the partial directory. A run's record lives in the store
+up to `run.max_retries` times, each attempt resuming from the partial directory. A SIGTERM to the driver (a
+preemption notice) is passed on: each running stage that stops on request gets SIGTERM on its own node and
+checkpoints, every stage not yet finished is cancelled (a running one keeps its partial work), and the run ends
+failed, ready for `gptline resume`; a second SIGTERM ends the driver at once. A run's record lives in the store
 under `runs/<run_id>/` (composed config, every node's version and state, logs, metrics), so `resume`, `status`
 and `report` work from any machine that sees the store.
 """
@@ -24,6 +27,7 @@ import dataclasses
 import io
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -37,6 +41,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.artifacts import RUNS_DIR, Store
 from pipeline.config import typed
@@ -373,6 +378,12 @@ def connect_ray(cluster: dict[str, Any]) -> bool:
     return True
 
 
+@ray.remote(num_cpus=0)
+def _send_signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
 class Runner:
     """Plans and executes one run of a selection of the DAG against a store."""
 
@@ -387,6 +398,7 @@ class Runner:
         self.scratch = Path(config["run"]["scratch_dir"]).expanduser()
         self.record = RunRecord(store, run_id, self.scratch)
         self.quiet = config["run"]["quiet"]
+        self.sigterm = 0  # SIGTERMs received while executing
 
     def plan(self) -> list[NodePlan]:
         """What would happen, without starting anything; errors when a selected stage's input is unavailable."""
@@ -436,14 +448,34 @@ class Runner:
         """Run the plan on Ray; record every node's state; True when every selected node is done or reused."""
         self.record.update_meta(status="running", driver_host=socket.gethostname(), driver_pid=os.getpid())
         started_ray = connect_ray(self.config["cluster"])
+        on_main_thread = threading.current_thread() is threading.main_thread()  # sweep points run on threads
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if on_main_thread else None
         try:
             return self._execute(plans)
         except BaseException as e:
             self.record.update_meta(status="failed", error=f"driver stopped: {type(e).__name__}: {e}")
             raise
         finally:
+            if on_main_thread:
+                signal.signal(signal.SIGTERM, previous)
             if started_ray:
                 ray.shutdown()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """Only note it: the wait loop passes it on (Ray calls are not safe inside a signal handler)."""
+        self.sigterm += 1
+        if self.sigterm > 1:
+            raise SystemExit(128 + signum)
+
+    def _stop_running_stages(self, pending: dict[ray.ObjectRef, str]) -> None:
+        self.say("SIGTERM: the running training stages checkpoint and stop; nothing new starts")
+        for ref, stage in pending.items():
+            node = self.record.node(stage)
+            if self.dag.specs[stage].stops_on_request and node.get("state") == "running" and node.get("pid"):
+                strategy = NodeAffinitySchedulingStrategy(node["node_id"], soft=False) if node.get("node_id") else None
+                _send_signal.options(scheduling_strategy=strategy).remote(node["pid"], signal.SIGTERM)
+            else:
+                ray.cancel(ref)  # one waiting never starts; one running keeps its partial work
 
     def _execute(self, plans: list[NodePlan]) -> bool:
         task = ray.remote(build_node)
@@ -474,8 +506,12 @@ class Runner:
             pending[ref] = plan.stage
 
         failed: set[str] = set()
+        stopping = False
         while pending:
-            ray.wait(list(pending), num_returns=1)
+            ray.wait(list(pending), num_returns=1, timeout=1.0)  # wakes for a SIGTERM within a second
+            if self.sigterm and not stopping:
+                stopping = True
+                self._stop_running_stages(pending)
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
             # Upstream before downstream, so a failure propagated by Ray is reported as "input failed".
             for ref in sorted(ready, key=lambda r: self.dag.order.index(pending[r])):
@@ -484,7 +520,10 @@ class Runner:
                 if outcome.state == "failed":
                     failed.add(stage)
                 self._record(outcome)
-        self.record.update_meta(status="failed" if failed else "done")
+        if stopping:
+            self.record.update_meta(status="failed", error="stopped by SIGTERM; `gptline resume` continues the run")
+        else:
+            self.record.update_meta(status="failed" if failed else "done")
         return not failed
 
     def _outcome(self, stage: str, ref: ray.ObjectRef, failed: set[str]) -> NodeOutcome:
@@ -493,6 +532,8 @@ class Runner:
         except (ray.exceptions.RayError, GptlineError) as e:
             broken = [dep for dep in self.dag.specs[stage].inputs if dep in failed]
             error = f"not run: input {broken[0]!r} failed" if broken else _one_line(e)
+            if isinstance(e, ray.exceptions.TaskCancelledError):
+                error = "cancelled: the run was stopped by SIGTERM"
             return NodeOutcome(stage, self.versions[stage], "failed", error=error)
 
     def _record(self, outcome: NodeOutcome) -> None:

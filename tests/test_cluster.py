@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,12 +74,7 @@ def test_submit_runs_on_both_nodes_and_commits_to_the_shared_store(cluster, tmp_
 def test_a_worker_node_killed_mid_run_is_survived(cluster, tmp_path):
     store = tmp_path / "store"
     process = submit(cluster, store, "numbers.chunks=12", "numbers.delay_s=1.0", wait=False)
-    deadline = time.time() + 300  # a cold cluster on 2 busy cores can take minutes to reach the numbers stage
-    while not list((store / "numbers").glob("*.partial/chunk-0002.parquet")):  # numbers is well under way
-        if time.time() > deadline or process.poll() is not None:
-            process.kill()
-            pytest.fail(f"numbers never reached chunk 2; the submission printed:\n{process.communicate()[0]}")
-        time.sleep(0.5)
+    wait_for_chunk(process, store, 2)  # numbers is well under way
     killed_node = node_ids(store, run_id_of_store(store))["numbers"]
     cluster.kill_worker()
     cluster.add_worker()  # the replacement a cluster's autoscaler would start
@@ -86,15 +82,53 @@ def test_a_worker_node_killed_mid_run_is_survived(cluster, tmp_path):
     run_id = run_id_of(output)
     meta = json.loads((store / "runs" / run_id / "run.json").read_text())
     if meta["status"] != "done":  # Ray could not retry in time: the run failed and resume finishes it
-        resume = subprocess.run([sys.executable, "-m", "pipeline", "resume", run_id, "--store", str(store)], cwd=ROOT,
-                                env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "PYTHONPATH": str(ROOT)},
-                                capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert resume.returncode == 0, resume.stdout + resume.stderr
+        resume(cluster, store, run_id)
         meta = json.loads((store / "runs" / run_id / "run.json").read_text())
     assert meta["status"] == "done", output
     for stage in ("numbers", "squares", "evens", "total"):
         assert len([p for p in (store / stage).iterdir() if (p / "manifest.json").exists()]) == 1
     assert node_ids(store, run_id)["numbers"] != killed_node  # finished on the replacement node
+    [numbers] = [p for p in (store / "numbers").iterdir() if (p / "manifest.json").exists()]
+    assert len(list(numbers.glob("chunk-*.parquet"))) == 12
+
+
+def wait_for_chunk(process: subprocess.Popen, store: Path, chunk: int) -> None:
+    deadline = time.time() + 300  # a cold cluster on 2 busy cores can take minutes to reach the numbers stage
+    while not list((store / "numbers").glob(f"*.partial/chunk-{chunk:04d}.parquet")):
+        if time.time() > deadline or process.poll() is not None:
+            process.kill()
+            pytest.fail(f"numbers never reached chunk {chunk}; the submission printed:\n{process.communicate()[0]}")
+        time.sleep(0.5)
+
+
+def resume(cluster: TwoNodeCluster, store: Path, run_id: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "pipeline", "resume", run_id, "--store", str(store)], cwd=ROOT,
+                          env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_submit_stops_the_job_gracefully_and_resume_finishes_it(cluster, tmp_path):
+    store = tmp_path / "store"
+    process = submit(cluster, store, "numbers.chunks=12", "numbers.delay_s=1.0", wait=False)
+    wait_for_chunk(process, store, 2)
+    process.send_signal(signal.SIGTERM)  # what Slurm's --signal sends the batch script (cluster/slurm.sbatch)
+    output = process.communicate(timeout=300)[0]
+    run_id = run_id_of(output)
+    assert process.returncode == 1 and f"Ray job gptline-{run_id} stopped" in output, output
+    assert f"gptline resume {run_id}" in output
+    meta = json.loads((store / "runs" / run_id / "run.json").read_text())
+    assert meta["status"] == "failed" and "stopped by SIGTERM" in meta["error"], meta
+    numbers = json.loads((store / "runs" / run_id / "nodes" / "numbers.json").read_text())
+    assert "asked to stop and stopped after chunk" in numbers["error"], numbers  # ended cleanly, not killed
+    [partial] = (store / "numbers").glob("*.partial")
+    written = len(list(partial.glob("chunk-*.parquet")))
+    assert 3 <= written < 12
+
+    resume(cluster, store, run_id)
+    meta = json.loads((store / "runs" / run_id / "run.json").read_text())
+    assert meta["status"] == "done"
     [numbers] = [p for p in (store / "numbers").iterdir() if (p / "manifest.json").exists()]
     assert len(list(numbers.glob("chunk-*.parquet"))) == 12
 

@@ -45,7 +45,7 @@ def test_sigterm_to_a_running_stage_stops_it_cleanly_and_resume_finishes_without
     node = json.loads((pipeline.store / "runs" / run_id / "nodes" / "numbers.json").read_text())
     os.kill(node["pid"], signal.SIGTERM)
     output = driver.communicate(timeout=120)[0]
-    assert driver.returncode == 1, output
+    assert driver.returncode == 1, output  # a failed node, not a stopped run: the driver got no signal
     node = json.loads((pipeline.store / "runs" / run_id / "nodes" / "numbers.json").read_text())
     assert node["state"] == "failed" and "asked to stop and stopped after chunk" in node["error"], node
     written = pipeline.chunks_written()
@@ -53,6 +53,31 @@ def test_sigterm_to_a_running_stage_stops_it_cleanly_and_resume_finishes_without
 
     assert pipeline.cli("resume", run_id) == 0
     assert pipeline.chunks_written() == [f"chunk{i}" for i in range(6)]  # the rest, none twice
+    assert [pipeline.executions().count(s) for s in ("squares", "evens", "total")] == [1, 1, 1]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_stops_the_running_stage_cancels_the_rest_and_resume_finishes(pipeline):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [
+        *(sys.executable, "-m", "pipeline", "run", *TEST_DAG),
+        *(f"store.root={pipeline.store}", "tracking=disabled", "numbers.chunks=6", "numbers.delay_s=1.0"),
+    ]
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: "chunk1" in pipeline.chunks_written() or driver.poll() is not None, 120, "chunk 1")
+    driver.send_signal(signal.SIGTERM)
+    output = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 2 and "was stopped by SIGTERM; `gptline resume" in output, output
+    run_id = pipeline.latest_run()
+    nodes = {s: json.loads((pipeline.store / "runs" / run_id / "nodes" / f"{s}.json").read_text())
+             for s in ("numbers", "squares", "evens", "total")}  # fmt: skip
+    assert "asked to stop and stopped after chunk" in nodes["numbers"]["error"], nodes["numbers"]
+    assert all(n["state"] == "failed" for n in nodes.values()), nodes
+    assert pipeline.executions() == ["numbers"]  # nothing downstream started
+    assert 2 <= len(pipeline.chunks_written()) < 6
+
+    assert pipeline.cli("resume", run_id) == 0
+    assert pipeline.chunks_written() == [f"chunk{i}" for i in range(6)]
     assert [pipeline.executions().count(s) for s in ("squares", "evens", "total")] == [1, 1, 1]
 
 
