@@ -24,6 +24,7 @@ import ray
 from pipeline.artifacts import Store
 from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, typed
 from pipeline.dag import StageContext, StageResources
+from pipeline.progress import Progress
 from pipeline.runner import RayMap
 from stages import REGISTRY
 from stages.crawl_mix import CrawlMixConfig, run
@@ -40,7 +41,9 @@ def fetch_artifact(store: Path) -> Path:
 def one_run(cfg: CrawlMixConfig, fetch: Path, workers: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"bench-crawl-mix-{workers}w-"))
     resources = StageResources(num_workers=workers, cpus_per_worker=1.0)
-    ctx = StageContext("crawl_mix", resources=resources, quiet=True, map=RayMap("crawl_mix", resources, quiet=True))
+    ctx = StageContext(
+        "crawl_mix", resources=resources, quiet=True, map=RayMap("crawl_mix", resources, Progress("quiet"))
+    )
     start = time.perf_counter()
     run(cfg, {"fetch": fetch}, out, ctx)
     wall = time.perf_counter() - start

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from pipeline.artifacts import Store
 from pipeline.config import typed
 from pipeline.dag import StageContext, StageResources
+from pipeline.progress import Progress
 from pipeline.runner import RayMap
 from stages import tokenize
 
@@ -71,7 +72,9 @@ def main() -> None:
     def stage(workers: int) -> float:
         out = Path(tempfile.mkdtemp(prefix="bench-tokenize-out-"))
         resources = StageResources(num_workers=workers, cpus_per_worker=1.0)
-        ctx = StageContext("tokenize", resources=resources, quiet=True, map=RayMap("tokenize", resources, quiet=True))
+        ctx = StageContext(
+            "tokenize", resources=resources, quiet=True, map=RayMap("tokenize", resources, Progress("quiet"))
+        )
         start = time.perf_counter()
         metrics = tokenize.run(
             typed(tokenize.TokenizeConfig, {}), {"crawl_mix": bench_corpus, "tokenizer": tokenizer_dir}, out, ctx
