@@ -62,6 +62,7 @@ from stages.training.loop import (
     log_sections,
     stop_requested_on_any_rank,
     stopped,
+    sum_over_ranks,
     worker_context,
 )
 
@@ -343,13 +344,6 @@ def forward_logprobs(model, tokens, mask, start: int, temperature: float, with_e
 def forward_values(model, tokens: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
     """V(s_t) for each answer token t: the value read where token t is predicted."""
     return model(tokens, attention_mask=mask)[:, start - 1 : -1]
-
-
-def sum_over_ranks(values: list[float]) -> list[float]:
-    total = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-    return total.tolist()
 
 
 @dataclass

@@ -9,6 +9,9 @@ through RAY_ADDRESS.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,6 +60,19 @@ class Pipeline:
         from pipeline.cli import main
 
         return main([*args, f"store.root={self.store}", "tracking=disabled"])
+
+    def start_driver(self, *args: str) -> subprocess.Popen:
+        """`gptline run` of the test DAG in its own process (a driver to signal or kill); output captured."""
+        command = [sys.executable, "-m", "pipeline", "run", *TEST_DAG, f"store.root={self.store}", "tracking=disabled",
+                   *args]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def wait_for_chunk(self, driver: subprocess.Popen, chunk: int, seconds: float = 120) -> None:
+        deadline = time.time() + seconds
+        while f"chunk{chunk}" not in self.chunks_written():
+            assert time.time() < deadline and driver.poll() is None, f"the driver never reached chunk {chunk}"
+            time.sleep(0.1)
 
     def arm(self, fault: str) -> None:
         (self.ray.fault_dir / fault).touch()

@@ -176,7 +176,9 @@ def fit(
         step += 1
         now = time.perf_counter()
         seconds, last = now - last, now
-        tokens = int(sum_over_ranks(float(tokens)))
+        # One all-reduce: the step's tokens, and whether any rank has seen a stop request (so all stop together).
+        tokens_sum, stop_votes = sum_over_ranks([float(tokens), float(stop_requested(out_dir))])
+        tokens, stop = int(tokens_sum), stop_votes > 0
         tokens_seen += tokens
         record = {
             "step": step,
@@ -198,7 +200,6 @@ def fit(
             log.flush()
         status.update((k, v) for k, v in record.items() if k in ("loss", "tokens_per_s", "mfu") or k.startswith("val_"))
         bar.update(1, **status)
-        stop = stop_requested_on_any_rank(out_dir)
         if step % cfg.checkpoint_every == 0 or step == total_steps or stop:
             client = {"step": step, "tokens_seen": tokens_seen, "loader": task.train.state_dict(),
                       "rng": gather_rng(world), "guard": guard.state_dict()}  # fmt: skip
@@ -238,9 +239,9 @@ def _roll_back(stage: str, engine, checkpoints: Checkpoints, guard: LossGuard, r
 
 
 def stop_requested_on_any_rank(out_dir: Path) -> bool:
-    """Whether to stop after this step, the same answer on every rank (each may see the request at a different
-    moment)."""
-    return sum_over_ranks(float(stop_requested(out_dir))) > 0
+    """Whether to stop after this iteration, the same answer on every rank (each may see the request at a different
+    moment). `fit` folds this vote into its per-step token all-reduce instead."""
+    return sum_over_ranks([float(stop_requested(out_dir))])[0] > 0
 
 
 def stopped(out_dir: Path, step: int, rank: int, log) -> dict[str, Any]:
@@ -260,11 +261,12 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
-def sum_over_ranks(value: float) -> float:
-    total = torch.tensor([value], dtype=torch.float64)
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums over every rank, in one all-reduce."""
+    total = torch.tensor(values, dtype=torch.float64)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
-    return float(total[0])
+    return total.tolist()
 
 
 def gather_rng(world: int) -> list[dict[str, Any]]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,6 @@ from safetensors.torch import load_file
 
 from pipeline.dag import STOP_REQUEST, stop_on_sigterm
 from pipeline.errors import StageStopped
-from tests.conftest import ROOT, TEST_DAG
 from tests.test_pretrain import inputs, losses, train  # noqa: F401 (inputs is a fixture)
 
 
@@ -34,13 +31,8 @@ def wait_for(condition, seconds: float, what: str) -> None:
 
 @pytest.mark.slow
 def test_sigterm_to_a_running_stage_stops_it_cleanly_and_resume_finishes_without_redoing_work(pipeline):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [
-        *(sys.executable, "-m", "pipeline", "run", *TEST_DAG),
-        *(f"store.root={pipeline.store}", "tracking=disabled", "numbers.chunks=6", "numbers.delay_s=1.0"),
-    ]
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: "chunk1" in pipeline.chunks_written() or driver.poll() is not None, 120, "chunk 1")
+    driver = pipeline.start_driver("numbers.chunks=6", "numbers.delay_s=1.0")
+    pipeline.wait_for_chunk(driver, 1)
     run_id = pipeline.latest_run()
     node = json.loads((pipeline.store / "runs" / run_id / "nodes" / "numbers.json").read_text())
     os.kill(node["pid"], signal.SIGTERM)
@@ -58,13 +50,8 @@ def test_sigterm_to_a_running_stage_stops_it_cleanly_and_resume_finishes_without
 
 @pytest.mark.slow
 def test_sigterm_to_the_driver_stops_the_running_stage_cancels_the_rest_and_resume_finishes(pipeline):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [
-        *(sys.executable, "-m", "pipeline", "run", *TEST_DAG),
-        *(f"store.root={pipeline.store}", "tracking=disabled", "numbers.chunks=6", "numbers.delay_s=1.0"),
-    ]
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: "chunk1" in pipeline.chunks_written() or driver.poll() is not None, 120, "chunk 1")
+    driver = pipeline.start_driver("numbers.chunks=6", "numbers.delay_s=1.0")
+    pipeline.wait_for_chunk(driver, 1)
     driver.send_signal(signal.SIGTERM)
     output = driver.communicate(timeout=120)[0]
     assert driver.returncode == 2 and "was stopped by SIGTERM; `gptline resume" in output, output
