@@ -129,15 +129,23 @@ def test_tokenize_writes_memory_mappable_shards_that_decode_to_the_corpus(traine
     out_tok, docs = trained
     corpus_dir = corpus(tmp_path, docs)
     results = []
-    for attempt in ("first", "second"):
+    for attempt, task_bytes in (("first", 256_000), ("second", 256_000), ("per-shard", 1)):
         out = tmp_path / attempt
         out.mkdir()
         ctx = StageContext("tokenize", resources=StageResources(num_workers=2))
         metrics = tokenize.run(
-            typed(tokenize.TokenizeConfig, {}), {"crawl_mix": corpus_dir, "tokenizer": out_tok}, out, ctx
+            typed(tokenize.TokenizeConfig, {"task_bytes": task_bytes}),
+            {"crawl_mix": corpus_dir, "tokenizer": out_tok},
+            out,
+            ctx,
         )
         results.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.arrow"))})
     assert results[0] == results[1]  # byte-identical shards
+    # The two small corpus shards are one task (one token shard) by default, two with task_bytes=1: same stream.
+    assert [p.name for p in TokenStream(tmp_path / "first" / "train").paths] == ["a-0000.tokens.arrow"]
+    assert len(TokenStream(tmp_path / "per-shard" / "train").paths) == 2
+    streams = [TokenStream(tmp_path / attempt / "train") for attempt in ("first", "per-shard")]
+    assert np.array_equal(*(stream.slice(0, stream.total) for stream in streams))
     summary = json.loads((tmp_path / "first" / "tokens.json").read_text())
     assert summary["dtype"] == "uint16" and metrics["train_tokens"] == summary["train"]["tokens"]
     assert sum(summary["train"]["tokens_per_source"].values()) == summary["train"]["tokens"]
@@ -150,4 +158,4 @@ def test_tokenize_writes_memory_mappable_shards_that_decode_to_the_corpus(traine
     for start, length in zip(index.column("start").to_pylist(), index.column("length").to_pylist(), strict=True):
         assert tokens[start + length - 1] == 2  # every document ends with end-of-text
         decoded.append(sp.decode(tokens[start : start + length - 1].tolist()))
-    assert decoded == docs[: len(docs) // 2]
+    assert decoded == docs
