@@ -344,14 +344,15 @@ class Store:
         if self.is_local:
             return Path(artifact.path)
         local = scratch / "inputs" / artifact.stage / artifact.version
-        if not (local / MANIFEST).exists():
-            tmp = local.with_name(local.name + f".tmp-{uuid.uuid4().hex}")
-            tmp.mkdir(parents=True)
-            pafs.copy_files(artifact.path, str(tmp), source_filesystem=self.fs)
-            if local.exists():
-                shutil.rmtree(local)
-            tmp.rename(local)
+        _download_dir(self.fs, artifact.path, local)
         return local
+
+    def mirror(self, stage: str, version: str, workdir: Path, inputs: dict[Path, Artifact]) -> NodeMirror:
+        """How a stage's workers on other nodes reach its work directory and inputs (see NodeMirror)."""
+        if self.is_local:
+            return NodeMirror(str(workdir))
+        pairs = tuple((str(local), artifact.path) for local, artifact in inputs.items())
+        return NodeMirror(str(workdir), self.fs, self.partial_path(stage, version), pairs)
 
     def commit(self, stage: str, version: str, workdir: Path, manifest: dict[str, Any]) -> Artifact:
         """Checksum every output, write the manifest last, and make the artifact visible atomically."""
@@ -424,6 +425,91 @@ class Store:
                     if not lease.is_stale(lease.read()):
                         held.add(info.path[: -len(LOCK)])
         return held
+
+
+def _download_dir(fs: pafs.FileSystem, remote: str, local: Path) -> None:
+    """Copy a committed directory (one with a manifest) to `local` unless it is already there; concurrent callers on
+    one node each download into their own temporary directory and the first rename wins."""
+    if (local / MANIFEST).exists():
+        return
+    tmp = local.with_name(local.name + f".tmp-{uuid.uuid4().hex}")
+    tmp.mkdir(parents=True)
+    pafs.copy_files(remote, str(tmp), source_filesystem=fs)
+    if (local / MANIFEST).exists():
+        shutil.rmtree(tmp)
+        return
+    if local.exists():  # a torn earlier copy
+        shutil.rmtree(local)
+    try:
+        tmp.rename(local)
+    except OSError:  # another process's copy landed first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class NodeMirror:
+    """A stage's directories as seen from another node of the cluster, for a store that is not a shared filesystem.
+
+    A training stage's workers may run on other nodes than its own task. With a local (or NFS) store they share the
+    store's partial directory and the input artifacts, and this mirror is disabled. With an object store each node
+    has its own scratch copy at the same path: `pull_inputs()` downloads the stage's input artifacts there,
+    `push(rels)` uploads files of the work directory (paths relative to it) to the stage's partial directory in the
+    store, `pull(rels)` downloads them, `read_text` and `list` look at the store's copy, `delete` removes a
+    directory there. Uploads are single PUTs (atomic); downloads land under a temporary name and are renamed, so
+    ranks sharing a node never read a half-written file. The object pickles (it travels to Ray Train workers)."""
+
+    workdir: str = ""
+    fs: pafs.FileSystem | None = None
+    partial: str = ""
+    inputs: tuple[tuple[str, str], ...] = ()  # (local directory, artifact path in the store)
+
+    @property
+    def enabled(self) -> bool:
+        return self.fs is not None
+
+    def _remote(self, rel: str) -> str:
+        return f"{self.partial}/{rel}" if rel else self.partial
+
+    def pull_inputs(self) -> None:
+        for local, remote in self.inputs:
+            _download_dir(self.fs, remote, Path(local))
+
+    def list(self, rel: str = "", recursive: bool = True) -> list[str]:
+        """Paths (relative to the work directory) of the files under `rel` in the store; directories too when not
+        recursive."""
+        remote = self._remote(rel)
+        if self.fs.get_file_info(remote).type != pafs.FileType.Directory:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(remote, recursive=recursive))
+        keep = (lambda i: True) if not recursive else (lambda i: i.type == pafs.FileType.File)
+        return sorted(i.path[len(self.partial) + 1 :] for i in infos if keep(i))
+
+    def push(self, rels: list[str]) -> None:
+        for rel in rels:
+            parent = self._remote(rel).rsplit("/", 1)[0]
+            self.fs.create_dir(parent, recursive=True)
+            with open(Path(self.workdir) / rel, "rb") as src, self.fs.open_output_stream(self._remote(rel)) as dst:
+                shutil.copyfileobj(src, dst, HASH_CHUNK)
+
+    def pull(self, rels: list[str]) -> None:
+        for rel in rels:
+            local = Path(self.workdir) / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex}")
+            with self.fs.open_input_stream(self._remote(rel)) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, HASH_CHUNK)
+            os.replace(tmp, local)
+
+    def read_text(self, rel: str) -> str | None:
+        try:
+            with self.fs.open_input_stream(self._remote(rel)) as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            return None
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_dir(self._remote(rel))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import NAME_RE, RUNS_DIR, artifact_version
+from pipeline.artifacts import NAME_RE, RUNS_DIR, NodeMirror, artifact_version
 from pipeline.checks import at_least
 from pipeline.errors import DagError
 from pipeline.progress import Progress
@@ -97,6 +97,8 @@ class StageContext:
     `map(fn, items, desc)` is how a data stage fans out: `fn` (a module-level function) is applied to every item
     and the results come back in order. Under the runner each call is a Ray task on `resources.cpus_per_worker`
     CPUs with at most `resources.num_workers` in flight; standalone it is a plain loop. The stage never sees Ray.
+    `mirror` is how workers a stage starts on other nodes reach its work directory and inputs (disabled when the
+    store is a shared filesystem, and standalone).
     """
 
     stage: str
@@ -109,6 +111,7 @@ class StageContext:
     log: Callable[[Mapping[str, Any], int | None], None] = lambda metrics, step=None: None
     save_partial: Callable[[], None] = lambda: None
     map: Callable[..., list[Any]] = serial_map
+    mirror: NodeMirror = field(default_factory=NodeMirror)  # the work directory and inputs from other nodes
 
 
 StageFn = Callable[[Any, dict[str, Path], Path, StageContext], Mapping[str, Any] | None]

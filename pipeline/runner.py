@@ -258,7 +258,8 @@ def build_node(job: NodeJob, *upstream: NodeOutcome) -> NodeOutcome:
         outcome.error = f"not run: input {broken[0]!r} failed"
         return outcome
 
-    scratch = Path(job.scratch).expanduser()
+    # Absolute here, on the stage's node: Ray Train runs its workers in a directory of its own.
+    scratch = Path(job.scratch).expanduser().absolute()
     record = RunRecord(store, job.run_id, scratch)
     started = time.time()
     record.set_node(
@@ -292,9 +293,8 @@ def _run_stage(
     job: NodeJob, store: Store, record: RunRecord, scratch: Path, started: float, outcome: NodeOutcome
 ) -> dict[str, Any]:
     stage, version = job.spec.name, job.version
-    inputs = {
-        name: store.localize(store.load(name, ver, verify=job.verify), scratch) for name, ver in job.inputs.items()
-    }
+    artifacts = {name: store.load(name, ver, verify=job.verify) for name, ver in job.inputs.items()}
+    inputs = {name: store.localize(artifact, scratch) for name, artifact in artifacts.items()}
     workdir, outcome.resumed = store.open_workdir(stage, version, scratch)
     if outcome.resumed:
         print(f"[{stage}] resuming from partial work in {workdir}")
@@ -318,6 +318,7 @@ def _run_stage(
         log=tracker.log,
         save_partial=lambda: store.save_partial(stage, version, workdir),
         map=RayMap(stage, job.resources, job.progress),
+        mirror=store.mirror(stage, version, workdir, {inputs[name]: artifacts[name] for name in artifacts}),
     )
     stoppable = stop_on_sigterm(workdir, stage) if job.spec.stops_on_request else contextlib.nullcontext()
     try:

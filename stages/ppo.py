@@ -60,6 +60,7 @@ from stages.training.loop import (
     gather_rng,
     launch,
     log_sections,
+    mirror_log,
     stop_requested_on_any_rank,
     stopped,
     sum_over_ranks,
@@ -482,8 +483,8 @@ def train_loop(loop: dict[str, Any]) -> None:
         ptx = PackedLoader(TokenStream(Path(loop["tokens"]) / "train"), cfg.ptx_batch, seq_len, rank, world, cfg.seed,
                            pad)  # fmt: skip
     kl_control = KLController(cfg.kl)
-    policy_checkpoints = Checkpoints(out_dir / CHECKPOINTS / "policy", cfg.keep_checkpoints)
-    value_checkpoints = Checkpoints(out_dir / CHECKPOINTS / "value", cfg.keep_checkpoints)
+    policy_checkpoints = Checkpoints(out_dir / CHECKPOINTS / "policy", cfg.keep_checkpoints, loop["mirror"])
+    value_checkpoints = Checkpoints(out_dir / CHECKPOINTS / "value", cfg.keep_checkpoints, loop["mirror"])
     iteration = 0
     state = policy_checkpoints.load(policy)
     if state is not None:
@@ -520,13 +521,14 @@ def train_loop(loop: dict[str, Any]) -> None:
                       "ptx": ptx.state_dict() if ptx is not None else None, "rng": gather_rng(world)}  # fmt: skip
             policy_checkpoints.save(policy, iteration, client)
             value_checkpoints.save(value, iteration, {})
+            mirror_log(loop["mirror"], rank)
             fault_point(f"ppo.after_checkpoint_{iteration}")
         if stop and iteration < cfg.iterations:
             bar.close()
             stopped(out_dir, iteration, rank, log)
             return
     bar.close()
-    state_dict = consolidated_state(policy, cfg.deepspeed, out_dir / CHECKPOINTS / "policy", rank)
+    state_dict = consolidated_state(policy, cfg.deepspeed, policy_checkpoints, rank)
     if rank == 0:
         final_model = GPT(policy_model.cfg)
         final_model.load_state_dict(state_dict)

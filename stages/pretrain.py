@@ -31,7 +31,7 @@ from stages.model.export import export
 from stages.model.generate import SamplingConfig, generate
 from stages.model.gpt import GPT, IGNORE_INDEX, ModelConfig
 from stages.training.data import PackedLoader, TokenStream
-from stages.training.engine import flops_per_token, init_deepspeed, measured_peak_flops
+from stages.training.engine import Checkpoints, flops_per_token, init_deepspeed, measured_peak_flops
 from stages.training.loop import (
     CHECKPOINTS,
     TrainConfig,
@@ -160,8 +160,10 @@ def train_loop(loop: dict[str, Any]) -> None:
     def mfu(seconds: float, tokens: int) -> dict[str, float]:
         return {"mfu": tokens * flops_token / seconds / (peak * world)}
 
-    fit("pretrain", task, engine, optimizer, cfg, cfg.steps, out_dir, rank, world, loop["progress"], mfu)
-    state = consolidated_state(engine, cfg.deepspeed, out_dir / CHECKPOINTS, rank)
+    fit(
+        "pretrain", task, engine, optimizer, cfg, cfg.steps, out_dir, rank, world, loop["progress"], mfu, loop["mirror"]
+    )
+    state = consolidated_state(engine, cfg.deepspeed, Checkpoints(out_dir / CHECKPOINTS, 1, loop["mirror"]), rank)
     if rank == 0:
         final = GPT(model_cfg)
         final.load_state_dict(state)

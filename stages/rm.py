@@ -35,7 +35,7 @@ from stages.data.dedup import unit_hash
 from stages.model.export import export, load
 from stages.model.gpt import ScalarModel
 from stages.training.data import ExampleLoader, load_ragged, save_ragged
-from stages.training.engine import init_deepspeed
+from stages.training.engine import Checkpoints, init_deepspeed
 from stages.training.loop import (
     CHECKPOINTS,
     TrainConfig,
@@ -225,8 +225,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, loop["micro_batch"], cfg.grad_accum)
     template = ChatTemplate(sft)
     fit("rm", RMTask(cfg, loop, template, rank, world), engine, optimizer, cfg, loop["total_steps"], out_dir, rank,
-        world, loop["progress"])  # fmt: skip
-    state = consolidated_state(engine, cfg.deepspeed, out_dir / CHECKPOINTS, rank)
+        world, loop["progress"], mirror=loop["mirror"])  # fmt: skip
+    state = consolidated_state(engine, cfg.deepspeed, Checkpoints(out_dir / CHECKPOINTS, 1, loop["mirror"]), rank)
     if rank == 0:
         final = ScalarModel(model.cfg)
         final.load_state_dict(state)

@@ -37,7 +37,7 @@ from stages.model.generate import SamplingConfig, generate
 from stages.model.gpt import GPT, IGNORE_INDEX
 from stages.model.lora import LoRAConfig, apply_lora, merge_lora
 from stages.training.data import ExampleLoader, load_ragged, save_ragged
-from stages.training.engine import init_deepspeed
+from stages.training.engine import Checkpoints, init_deepspeed
 from stages.training.loop import (
     CHECKPOINTS,
     TrainConfig,
@@ -243,8 +243,9 @@ def train_loop(loop: dict[str, Any]) -> None:
     model = build_model(Path(loop["base"]), cfg.lora)
     engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, loop["micro_batch"], cfg.grad_accum)
     task = SFTTask(cfg, loop, ChatTemplate(tokenizer), rank, world)
-    fit("sft", task, engine, optimizer, cfg, loop["total_steps"], out_dir, rank, world, loop["progress"])
-    state = consolidated_state(engine, cfg.deepspeed, out_dir / CHECKPOINTS, rank)
+    fit("sft", task, engine, optimizer, cfg, loop["total_steps"], out_dir, rank, world, loop["progress"],
+        mirror=loop["mirror"])  # fmt: skip
+    state = consolidated_state(engine, cfg.deepspeed, Checkpoints(out_dir / CHECKPOINTS, 1, loop["mirror"]), rank)
     if rank == 0:
         final = build_model(Path(loop["base"]), cfg.lora)
         final.load_state_dict(state)

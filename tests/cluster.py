@@ -27,8 +27,11 @@ def free_ports(count: int) -> list[int]:
 
 
 class TwoNodeCluster:
-    def __init__(self, root: Path, head_cpus: int = 1, worker_cpus: int = 1):
-        self.root, self.head_cpus, self.worker_cpus = root, head_cpus, worker_cpus
+    """`private_dir`: a path the worker node sees as a directory of its own (a bind mount in a private mount
+    namespace; needs root), as separate machines each have their own local disk at the same path."""
+
+    def __init__(self, root: Path, head_cpus: int = 1, worker_cpus: int = 1, private_dir: Path | None = None):
+        self.root, self.head_cpus, self.worker_cpus, self.private_dir = root, head_cpus, worker_cpus, private_dir
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{BIN}:{os.environ['PATH']}")
         gcs, dashboard = free_ports(2)
@@ -58,6 +61,12 @@ class TwoNodeCluster:
         name = f"worker{self.workers_started}"
         worker = [str(BIN / "ray"), "start", f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus}",
                   f"--temp-dir={self.root / name}", "--disable-usage-stats", "--block", *self._node_ports()]  # fmt: skip
+        if self.private_dir is not None:
+            own = self.root / f"{name}-private"
+            own.mkdir()
+            self.private_dir.mkdir(parents=True, exist_ok=True)
+            worker = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                      'mount --bind "$0" "$1" && shift && exec "$@"', str(own), str(self.private_dir), *worker]  # fmt: skip
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 (the node outlives this call)
         self.worker = subprocess.Popen(worker, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.wait_for_nodes(2)

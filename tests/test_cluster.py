@@ -8,23 +8,31 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
-from tests.cluster import TwoNodeCluster
+from pipeline.artifacts import Store
+from tests.cluster import BIN, TwoNodeCluster, free_ports
 from tests.conftest import CONFIG_DIR, REGISTRY, ROOT
+from tests.s3_training import INPUT_VERSIONS
+from tests.test_pretrain import inputs  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
 def cluster(request):
     # A short root: Ray's unix sockets live under the temp dir and their paths must stay under 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="gl-ray-", dir="/tmp"))
-    nodes = TwoNodeCluster(root, **getattr(request, "param", {})).start()
+    params = dict(getattr(request, "param", {}))
+    if params.pop("private_scratch", False):  # root/scratch: the worker node has its own (root/worker1-private)
+        params["private_dir"] = root / "scratch"
+    nodes = TwoNodeCluster(root, **params).start()
     yield nodes
     nodes.stop()
     shutil.rmtree(root, ignore_errors=True)
@@ -135,3 +143,85 @@ def test_sigterm_to_submit_stops_the_job_gracefully_and_resume_finishes_it(clust
 
 def run_id_of_store(store: Path) -> str:
     return sorted(p.name for p in (store / "runs").iterdir())[-1]
+
+
+@pytest.fixture
+def s3_store(monkeypatch):
+    """An S3 server on this machine (moto's) with an empty bucket: the store URI every node and process opens."""
+    [port] = free_ports(1)
+    server = subprocess.Popen([str(BIN / "moto_server"), "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    for name, value in (("AWS_ACCESS_KEY_ID", "gptline"), ("AWS_SECRET_ACCESS_KEY", "gptline"),
+                        ("AWS_EC2_METADATA_DISABLED", "true")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "moto_server did not start"
+            time.sleep(0.3)
+    uri = f"s3://gptline/store?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    bucket, _ = pafs.FileSystem.from_uri(uri + "&allow_bucket_creation=true")
+    bucket.create_dir("gptline")
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def train_on_cluster(cluster: TwoNodeCluster, store_uri: str, version: str, fault_dir: Path, tmp_path: Path) -> dict:
+    result = tmp_path / f"{version}.json"
+    overrides = ['deepspeed={"zero_stage": 3}']
+    env = {**os.environ, **cluster.env, "PYTHONPATH": str(ROOT), "GPTLINE_FAULT_DIR": str(fault_dir)}
+    done = subprocess.run([sys.executable, "-m", "tests.s3_training", cluster.gcs_address, store_uri,
+                           str(cluster.private_dir), str(result), version, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    return json.loads(result.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="the worker node's own scratch disk is a private bind mount: needs root")
+@pytest.mark.parametrize("cluster", [{"private_scratch": True}], indirect=True)
+def test_training_on_nodes_without_a_shared_disk_checkpoints_to_the_object_store(cluster, s3_store, inputs, tmp_path):  # noqa: F811
+    """pretrain with one ZeRO-3 rank per node, each node with its own scratch disk, the store on S3: the other
+    node's rank gets the inputs from the store, every rank's checkpoint files go to the store, a rank killed after
+    step 4's checkpoint restarts from the store's copy (the losses equal the straight run's), and the weights rank 0
+    wrote, wherever it ran, are what the stage's task commits."""
+    store = Store(s3_store)
+    for name, version in INPUT_VERSIONS.items():
+        store.commit(name, version, inputs[name], {})
+    fault_dir = tmp_path / "faults"
+    fault_dir.mkdir()
+    straight = train_on_cluster(cluster, s3_store, "a" * 12, fault_dir, tmp_path)
+    (fault_dir / "pretrain.after_checkpoint_4").touch()  # one rank dies right after step 4's checkpoint
+    resumed = train_on_cluster(cluster, s3_store, "b" * 12, fault_dir, tmp_path)
+    assert not (fault_dir / "pretrain.after_checkpoint_4").exists()  # the fault fired
+
+    def committed(version: str, name: str) -> bytes:
+        with store.fs.open_input_stream(f"{store.artifact_path('pretrain', version)}/{name}") as f:
+            return f.read()
+
+    for result, version in ((straight, "a" * 12), (resumed, "b" * 12)):
+        assert {"model.safetensors", "config.json", "train_log.jsonl", "final.json"} <= set(result["files"]), result
+        assert not any(f.startswith("checkpoints/") for f in result["files"])
+        steps = [json.loads(line) for line in committed(version, "train_log.jsonl").decode().splitlines()]
+        assert [s["step"] for s in steps][-1] == 8
+    straight_losses = [json.loads(x)["loss"] for x in committed("a" * 12, "train_log.jsonl").decode().splitlines()]
+    resumed_losses = [json.loads(x)["loss"] for x in committed("b" * 12, "train_log.jsonl").decode().splitlines()]
+    assert resumed_losses[-4:] == pytest.approx(straight_losses[-4:], abs=1e-6)
+    assert committed("a" * 12, "model.safetensors") == committed("b" * 12, "model.safetensors")
+    # Each node has its own scratch: both localized the inputs from the store, and a node's copy of step 4's
+    # checkpoint holds its own rank's partition only, never the other rank's (the stage's node drops its copy at the
+    # end; rank 0 fetches every partition of the last step to consolidate the ZeRO-3 weights).
+    node_scratch = (cluster.root / "scratch", cluster.root / "worker1-private")
+    for scratch in node_scratch:
+        assert (scratch / "inputs" / "tokenize" / INPUT_VERSIONS["tokenize"] / "manifest.json").exists(), scratch
+    steps = [
+        step
+        for scratch in node_scratch
+        for step in scratch.glob(f"pretrain/{'b' * 12}.partial/checkpoints/step-00000004")
+    ]
+    assert steps
+    for step in steps:
+        assert len({p.name.split("_mp_rank")[0] for p in step.glob("zero_pp_rank_*")}) == 1, sorted(step.iterdir())

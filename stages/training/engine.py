@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.artifacts import NodeMirror
 from stages.model.gpt import GPT
 
 
@@ -149,20 +151,50 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-class Checkpoints:
-    """DeepSpeed checkpoints under `<dir>/step-<n>/`, the newest `keep` kept; `latest` names the last complete one."""
+def checkpoint_file_rank(name: str) -> int | None:
+    """The rank that writes a DeepSpeed checkpoint file (its ZeRO partition: `zero_pp_rank_<r>_...`), or None for
+    the files rank 0 writes for everyone (`mp_rank_00_model_states.pt` under ZeRO-1/2, `zero_to_fp32.py`)."""
+    match = re.search(r"zero_pp_rank_(\d+)_", name)
+    return int(match.group(1)) if match else None
 
-    def __init__(self, directory: Path, keep: int):
-        self.directory, self.keep = directory, keep
+
+class Checkpoints:
+    """DeepSpeed checkpoints under `<dir>/step-<n>/`, the newest `keep` kept; `latest` names the last complete one.
+
+    With an enabled `mirror` (an object store; workers on several nodes, each with its own copy of the directory)
+    the store's copy is the one that counts: after each save every rank uploads the files it wrote, and once all have
+    (a barrier) rank 0 uploads `latest` and prunes old steps there, so the store never names an incomplete
+    checkpoint. Loading reads `latest` from the store and downloads what this rank reads: the shared files and its
+    own partition (never the other ranks' optimizer states). `download_all` fetches a whole checkpoint (rank 0 does,
+    to consolidate ZeRO-3 weights)."""
+
+    def __init__(self, directory: Path, keep: int, mirror: NodeMirror | None = None):
+        self.directory, self.keep, self.mirror = directory, keep, mirror or NodeMirror()
+        self.rel = os.path.relpath(directory, self.mirror.workdir) if self.mirror.enabled else ""
 
     def latest(self) -> str | None:
+        if self.mirror.enabled:
+            text = self.mirror.read_text(f"{self.rel}/latest")
+            return text.strip() if text else None
         marker = self.directory / "latest"
         return marker.read_text().strip() if marker.exists() else None
 
     def save(self, engine, step: int, client_state: dict[str, Any]) -> None:
         tag = f"step-{step:08d}"
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=True)
-        if engine.global_rank == 0:
+        rank = engine.global_rank
+        if self.mirror.enabled:
+            writers = {name: checkpoint_file_rank(name) for name in sorted(os.listdir(self.directory / tag))}
+            mine = [name for name, writer in writers.items() if writer == rank or (writer is None and rank == 0)]
+            self.mirror.push([f"{self.rel}/{tag}/{name}" for name in mine])
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            if rank == 0:
+                self.mirror.push([f"{self.rel}/latest"])
+                remote_tags = [Path(rel).name for rel in self.mirror.list(self.rel, recursive=False)]
+                for old in sorted(t for t in remote_tags if t.startswith("step-"))[: -self.keep]:
+                    self.mirror.delete(f"{self.rel}/{old}")
+        if rank == 0 or self.mirror.enabled:  # with a mirror every node prunes its own copy
             tags = sorted(p.name for p in self.directory.glob("step-*") if p.is_dir())
             for old in tags[: -self.keep]:
                 shutil.rmtree(self.directory / old, ignore_errors=True)
@@ -171,8 +203,21 @@ class Checkpoints:
         tag = self.latest()
         if tag is None:
             return None
+        if self.mirror.enabled:
+            self.download(tag, lambda rank: rank is None or rank == engine.global_rank)
         _, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
         return client_state
+
+    def download_all(self) -> None:
+        tag = self.latest()
+        if self.mirror.enabled and tag is not None:
+            self.download(tag, lambda rank: True)
+
+    def download(self, tag: str, wanted: Any) -> None:
+        """The files of checkpoint `tag` whose writer rank `wanted(rank)` accepts, always fetched again (a rollback
+        may have rewritten a step's files since an earlier download)."""
+        files = self.mirror.list(f"{self.rel}/{tag}")
+        self.mirror.pull([rel for rel in files if wanted(checkpoint_file_rank(Path(rel).name))])
 
 
 # ---- loss guard -------------------------------------------------------------------------------------------------

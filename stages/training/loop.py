@@ -17,6 +17,7 @@ stage's export.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -27,8 +28,9 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.artifacts import NodeMirror
 from pipeline.checks import at_least
-from pipeline.dag import StageContext, stop_requested
+from pipeline.dag import STOP_REQUEST, StageContext, stop_requested
 from pipeline.errors import GptlineError, StageStopped
 from pipeline.faults import fault_armed, fault_point
 from pipeline.progress import Progress
@@ -47,6 +49,7 @@ from stages.training.engine import (
 LOG = "train_log.jsonl"
 FINAL = "final.json"
 CHECKPOINTS = "checkpoints"
+RAY_TRAIN = "ray_train"
 
 
 @dataclass
@@ -127,10 +130,12 @@ def fit(
     world: int,
     progress: Progress,
     extra_metrics: Callable[[float, int], dict[str, float]] | None = None,
+    mirror: NodeMirror | None = None,
 ) -> dict[str, Any]:
     """Train to `total_steps` (resuming from the newest checkpoint if there is one); returns the last log record.
-    `extra_metrics(seconds, tokens)` adds per-step figures such as MFU."""
-    checkpoints = Checkpoints(out_dir / CHECKPOINTS, cfg.keep_checkpoints)
+    `extra_metrics(seconds, tokens)` adds per-step figures such as MFU; `mirror` (`loop["mirror"]`) is where the
+    checkpoints live when the nodes share no filesystem."""
+    checkpoints = Checkpoints(out_dir / CHECKPOINTS, cfg.keep_checkpoints, mirror)
     guard = LossGuard(cfg.guard)
     step = tokens_seen = 0
     state = checkpoints.load(engine)
@@ -204,6 +209,7 @@ def fit(
             client = {"step": step, "tokens_seen": tokens_seen, "loader": task.train.state_dict(),
                       "rng": gather_rng(world), "guard": guard.state_dict()}  # fmt: skip
             checkpoints.save(engine, step, client)
+            mirror_log(checkpoints.mirror, rank)
             fault_point(f"{stage}.after_checkpoint_{step}")  # crash tests kill a worker here
         if stop and step < total_steps:
             bar.close()
@@ -236,6 +242,12 @@ def _roll_back(stage: str, engine, checkpoints: Checkpoints, guard: LossGuard, r
     if rank == 0:
         print(f"[{stage}] rolled back to step {state['step']} (rollback {guard.rollbacks})", flush=True)
     return state["step"]
+
+
+def mirror_log(mirror: NodeMirror, rank: int) -> None:
+    """After a checkpoint: rank 0 uploads the log as far as it, so a resume on another node continues that log."""
+    if rank == 0 and mirror.enabled:
+        mirror.push([LOG])
 
 
 def stop_requested_on_any_rank(out_dir: Path) -> bool:
@@ -279,25 +291,52 @@ def gather_rng(world: int) -> list[dict[str, Any]]:
     return states
 
 
-def consolidated_state(engine, ds: DeepSpeedConfig, checkpoint_dir: Path, rank: int) -> dict[str, torch.Tensor] | None:
-    """fp32 weights gathered from every ZeRO partition (under ZeRO-3 from the newest checkpoint in
-    `checkpoint_dir`), on rank 0 (None elsewhere); call on every rank."""
+def consolidated_state(
+    engine, ds: DeepSpeedConfig, checkpoints: Checkpoints, rank: int
+) -> dict[str, torch.Tensor] | None:
+    """fp32 weights gathered from every ZeRO partition (under ZeRO-3 from the newest of `checkpoints`, every
+    rank's files of it fetched first), on rank 0 (None elsewhere); call on every rank."""
     barrier()
     if ds.zero_stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        checkpoints = Checkpoints(checkpoint_dir, 1)
-        return (
-            get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.directory), tag=checkpoints.latest())
-            if rank == 0
-            else None
-        )
+        if rank != 0:
+            return None
+        checkpoints.download_all()
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.directory), tag=checkpoints.latest())
     return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()} if rank == 0 else None
 
 
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def worker_files(out_dir: Path) -> list[str]:
+    """A training stage's own files in its work directory (relative paths): not the checkpoints (each rank uploads
+    its own), not Ray Train's directory, not a stop request."""
+    skip = (CHECKPOINTS, RAY_TRAIN, STOP_REQUEST)
+    return [p.relative_to(out_dir).as_posix() for p in sorted(out_dir.rglob("*"))
+            if p.is_file() and p.relative_to(out_dir).parts[0] not in skip]  # fmt: skip
+
+
+def _on_worker(worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any]) -> None:
+    """A worker on any node: with a mirror, the first rank of each node fetches the inputs and the stage's files
+    (what it wrote before the workers started, the log of an earlier attempt) before anyone starts; after the
+    fit, rank 0 uploads what it wrote (weights, export, log, final.json) for the stage's own task to commit."""
+    import ray.train
+
+    mirror: NodeMirror = loop_config["mirror"]
+    context = ray.train.get_context()
+    if mirror.enabled:
+        if context.get_local_rank() == 0:
+            Path(loop_config["out_dir"]).mkdir(parents=True, exist_ok=True)
+            mirror.pull_inputs()
+            mirror.pull([rel for rel in mirror.list() if rel.split("/")[0] not in (CHECKPOINTS, STOP_REQUEST)])
+        barrier()
+    worker(loop_config)
+    if mirror.enabled and context.get_world_rank() == 0:
+        mirror.push(worker_files(Path(loop_config["out_dir"])))
 
 
 def launch(
@@ -311,25 +350,36 @@ def launch(
     resources = {"CPU": ctx.resources.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = ctx.resources.gpus_per_worker
-    loop_config = {**loop_config, "out_dir": str(out_dir), "progress": ctx.progress,
+    loop_config = {**loop_config, "out_dir": str(out_dir), "progress": ctx.progress, "mirror": ctx.mirror,
                    "threads": max(1, int(ctx.resources.cpus_per_worker))}  # fmt: skip
     trainer = TorchTrainer(
-        worker,
+        functools.partial(_on_worker, worker),
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=ctx.resources.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=stage, storage_path=str(out_dir / "ray_train"), failure_config=FailureConfig(max_failures=2)
+            name=stage,
+            storage_path=str((out_dir / RAY_TRAIN).resolve()),
+            failure_config=FailureConfig(max_failures=2),
         ),
     )
-    result = trainer.fit()
+    if ctx.mirror.enabled:  # what this task wrote for its workers (sft's and rm's examples)
+        ctx.mirror.push(worker_files(out_dir))
+    try:
+        result = trainer.fit()
+    finally:
+        if ctx.mirror.enabled:
+            # The store's copy is the one that counts: rank 0's outputs come here, this node's (stale) checkpoints
+            # go, so nothing uploads them over the store's newer ones.
+            ctx.mirror.pull([rel for rel in ctx.mirror.list() if rel.split("/")[0] != CHECKPOINTS])
+            shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
     if result.error is not None:
         raise result.error
-    shutil.rmtree(out_dir / "ray_train", ignore_errors=True)
+    shutil.rmtree(out_dir / RAY_TRAIN, ignore_errors=True)
     final = json.loads((out_dir / FINAL).read_text())
-    if "stopped_at_step" in final:  # the checkpoints stay in out_dir for the resume
+    if "stopped_at_step" in final:  # the checkpoints stay in the partial directory for the resume
         raise StageStopped(
             f"{stage} was asked to stop (SIGTERM) and stopped after step {final['stopped_at_step']} with a checkpoint; "
             "resuming the run continues from it"
