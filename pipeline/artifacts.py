@@ -19,6 +19,7 @@ never sees a directory without one as an artifact.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -428,22 +429,21 @@ class Store:
 
 
 def _download_dir(fs: pafs.FileSystem, remote: str, local: Path) -> None:
-    """Copy a committed directory (one with a manifest) to `local` unless it is already there; concurrent callers on
-    one node each download into their own temporary directory and the first rename wins."""
+    """Copy a committed directory (one with a manifest) to `local` unless it is already there. Processes of one
+    node take turns (a lock file beside it): the first downloads, the others then find it there."""
     if (local / MANIFEST).exists():
         return
-    tmp = local.with_name(local.name + f".tmp-{uuid.uuid4().hex}")
-    tmp.mkdir(parents=True)
-    pafs.copy_files(remote, str(tmp), source_filesystem=fs)
-    if (local / MANIFEST).exists():
-        shutil.rmtree(tmp)
-        return
-    if local.exists():  # a torn earlier copy
-        shutil.rmtree(local)
-    try:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with open(local.with_name(local.name + ".download-lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (local / MANIFEST).exists():
+            return
+        tmp = local.with_name(local.name + f".tmp-{uuid.uuid4().hex}")
+        tmp.mkdir()
+        pafs.copy_files(remote, str(tmp), source_filesystem=fs)
+        if local.exists():  # a torn earlier copy
+            shutil.rmtree(local)
         tmp.rename(local)
-    except OSError:  # another process's copy landed first
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -454,8 +454,8 @@ class NodeMirror:
     store's partial directory and the input artifacts, and this mirror is disabled. With an object store each node
     has its own scratch copy at the same path: `pull_inputs()` downloads the stage's input artifacts there,
     `push(rels)` uploads files of the work directory (paths relative to it) to the stage's partial directory in the
-    store, `pull(rels)` downloads them, `read_text` and `list` look at the store's copy, `delete` removes a
-    directory there. Uploads are single PUTs (atomic); downloads land under a temporary name and are renamed, so
+    store, `pull(rels)` downloads them, `read_text`, `exists` and `list` look at the store's copy, `delete`
+    removes a file or directory there. Uploads are single PUTs (atomic); downloads land under a temporary name and are renamed, so
     ranks sharing a node never read a half-written file. The object pickles (it travels to Ray Train workers)."""
 
     workdir: str = ""
@@ -507,9 +507,16 @@ class NodeMirror:
         except FileNotFoundError:
             return None
 
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self._remote(rel)).type != pafs.FileType.NotFound
+
     def delete(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.delete_dir(self._remote(rel))
+        """Remove a directory or a file of the store's copy (nothing if it is not there)."""
+        info = self.fs.get_file_info(self._remote(rel))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(info.path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -62,18 +62,28 @@ def stop_requested(out_dir: Path) -> bool:
 
 
 @contextlib.contextmanager
-def stop_on_sigterm(out_dir: Path, stage: str) -> Iterator[None]:
+def stop_on_sigterm(out_dir: Path, stage: str, mirror: NodeMirror | None = None) -> Iterator[None]:
     """While the block runs, SIGTERM writes STOP_REQUEST into `out_dir` instead of ending the process (the stage,
-    and every worker it started that sees `out_dir`, then checkpoints and stops). Python runs signal handlers on
-    the main thread only; elsewhere SIGTERM keeps its usual effect."""
+    and every worker it started that sees `out_dir`, then checkpoints and stops); with an enabled `mirror` it is
+    also written to the store's copy, for workers on nodes that do not share `out_dir`. Python runs signal handlers
+    on the main thread only; elsewhere SIGTERM keeps its usual effect."""
     marker = Path(out_dir) / STOP_REQUEST
-    marker.unlink(missing_ok=True)  # a request an earlier attempt already answered
+    shared = mirror if mirror is not None and mirror.enabled else None
+
+    def withdraw() -> None:  # a request an earlier attempt already answered, or this one's once the block ends
+        marker.unlink(missing_ok=True)
+        if shared is not None:
+            shared.delete(STOP_REQUEST)
+
+    withdraw()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def request_stop(signum: int, frame: Any) -> None:
         marker.touch()
+        if shared is not None:
+            shared.push([STOP_REQUEST])
         print(f"[{stage}] SIGTERM: checkpointing and stopping after the current step", flush=True)
 
     previous = signal.signal(signal.SIGTERM, request_stop)
@@ -81,7 +91,7 @@ def stop_on_sigterm(out_dir: Path, stage: str) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        marker.unlink(missing_ok=True)
+        withdraw()
 
 
 def serial_map(fn: Callable[[Any], Any], items: Sequence[Any], desc: str = "") -> list[Any]:

@@ -320,7 +320,7 @@ def _run_stage(
         map=RayMap(stage, job.resources, job.progress),
         mirror=store.mirror(stage, version, workdir, {inputs[name]: artifacts[name] for name in artifacts}),
     )
-    stoppable = stop_on_sigterm(workdir, stage) if job.spec.stops_on_request else contextlib.nullcontext()
+    stoppable = stop_on_sigterm(workdir, stage, ctx.mirror) if job.spec.stops_on_request else contextlib.nullcontext()
     try:
         with stoppable:
             metrics = dict(job.spec.run(typed(job.spec.config_class, job.config), inputs, workdir, ctx) or {})

@@ -55,6 +55,7 @@ from stages.training.loop import (
     CHECKPOINTS,
     FINAL,
     LOG,
+    StopPoll,
     barrier,
     consolidated_state,
     gather_rng,
@@ -485,6 +486,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     kl_control = KLController(cfg.kl)
     policy_checkpoints = Checkpoints(out_dir / CHECKPOINTS / "policy", cfg.keep_checkpoints, loop["mirror"])
     value_checkpoints = Checkpoints(out_dir / CHECKPOINTS / "value", cfg.keep_checkpoints, loop["mirror"])
+    stop_poll = StopPoll(out_dir, loop["mirror"], rank)
     iteration = 0
     state = policy_checkpoints.load(policy)
     if state is not None:
@@ -515,7 +517,7 @@ def train_loop(loop: dict[str, Any]) -> None:
             log.write(json.dumps({**record, "samples": shown}) + "\n")
             log.flush()
         bar.update(1, **{k: record[k] for k in ("reward_mean", "kl", "entropy", "answer_length", "beta")})
-        stop = stop_requested_on_any_rank(out_dir)
+        stop = stop_requested_on_any_rank(stop_poll)
         if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations or stop:
             client = {"iteration": iteration, "beta": kl_control.beta, "prompts": prompts.state_dict(),
                       "ptx": ptx.state_dict() if ptx is not None else None, "rng": gather_rng(world)}  # fmt: skip

@@ -163,3 +163,25 @@ def test_lease_of_a_dead_process_or_an_expired_one_is_taken_over(tmp_path):
     lease.acquire()
     assert json.loads(path.read_text())["owner"] == lease.owner
     lease.release()
+
+
+def test_node_mirror_moves_work_files_and_inputs_between_a_node_and_the_object_store(tmp_path):
+    store = Store("store", filesystem=pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem()))
+    build(store, "numbers", "a" * 12, {"data.txt": b"123", "sub/more.txt": b"4"}, scratch=tmp_path / "build")
+    artifact = store.load("numbers", "a" * 12)
+    node_a, node_b = tmp_path / "node-a" / "work", tmp_path / "node-b" / "work"
+    node_a.mkdir(parents=True)
+    (node_a / "log.txt").write_text("step 1\n")
+    on_a = store.mirror("squares", "b" * 12, node_a, {tmp_path / "node-a" / "in": artifact})
+    on_a.push(["log.txt"])
+    assert on_a.list() == ["log.txt"] and on_a.exists("log.txt") and on_a.read_text("log.txt") == "step 1\n"
+    # node b sees the same paths as its own directories (a different disk on a real cluster)
+    on_b = store.mirror("squares", "b" * 12, node_b, {tmp_path / "node-b" / "in": artifact})
+    on_b.pull(on_b.list())
+    on_b.pull_inputs()
+    assert (node_b / "log.txt").read_text() == "step 1\n"
+    assert (tmp_path / "node-b" / "in" / "sub" / "more.txt").read_bytes() == b"4"
+    assert (tmp_path / "node-b" / "in" / "manifest.json").exists()
+    on_b.delete("log.txt")
+    assert not on_a.exists("log.txt") and on_a.read_text("log.txt") is None
+    assert not Store(str(tmp_path / "local")).mirror("squares", "b" * 12, node_a, {}).enabled

@@ -170,14 +170,22 @@ def s3_store(monkeypatch):
     server.wait(timeout=30)
 
 
-def train_on_cluster(cluster: TwoNodeCluster, store_uri: str, version: str, fault_dir: Path, tmp_path: Path) -> dict:
-    result = tmp_path / f"{version}.json"
-    overrides = ['deepspeed={"zero_stage": 3}']
+def train_on_cluster(cluster: TwoNodeCluster, store_uri: str, version: str, fault_dir: Path, tmp_path: Path,
+                     *args: str, wait: bool = True) -> subprocess.Popen:  # fmt: skip
+    """tests/s3_training.py against the cluster; the result lands in tmp_path/VERSION.json (the pid file beside it)."""
     env = {**os.environ, **cluster.env, "PYTHONPATH": str(ROOT), "GPTLINE_FAULT_DIR": str(fault_dir)}
-    done = subprocess.run([sys.executable, "-m", "tests.s3_training", cluster.gcs_address, store_uri,
-                           str(cluster.private_dir), str(result), version, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
-    return json.loads(result.read_text())
+    command = [sys.executable, "-m", "tests.s3_training", cluster.gcs_address, store_uri, str(cluster.private_dir),
+               str(tmp_path / f"{version}.json"), version, *args]  # fmt: skip
+    log = open(tmp_path / f"{version}.log", "w")  # noqa: SIM115 (a file, not a pipe nobody drains while it runs)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if wait:
+        process.wait(timeout=900)
+        assert process.returncode == 0, (tmp_path / f"{version}.log").read_text()[-8000:]
+    return process
+
+
+def training_result(tmp_path: Path, version: str) -> dict:
+    return json.loads((tmp_path / f"{version}.json").read_text())
 
 
 @pytest.mark.slow
@@ -193,9 +201,11 @@ def test_training_on_nodes_without_a_shared_disk_checkpoints_to_the_object_store
         store.commit(name, version, inputs[name], {})
     fault_dir = tmp_path / "faults"
     fault_dir.mkdir()
-    straight = train_on_cluster(cluster, s3_store, "a" * 12, fault_dir, tmp_path)
+    zero3 = 'deepspeed={"zero_stage": 3}'
+    train_on_cluster(cluster, s3_store, "a" * 12, fault_dir, tmp_path, zero3)
     (fault_dir / "pretrain.after_checkpoint_4").touch()  # one rank dies right after step 4's checkpoint
-    resumed = train_on_cluster(cluster, s3_store, "b" * 12, fault_dir, tmp_path)
+    train_on_cluster(cluster, s3_store, "b" * 12, fault_dir, tmp_path, zero3)
+    straight, resumed = training_result(tmp_path, "a" * 12), training_result(tmp_path, "b" * 12)
     assert not (fault_dir / "pretrain.after_checkpoint_4").exists()  # the fault fired
 
     def committed(version: str, name: str) -> bytes:
@@ -211,17 +221,41 @@ def test_training_on_nodes_without_a_shared_disk_checkpoints_to_the_object_store
     resumed_losses = [json.loads(x)["loss"] for x in committed("b" * 12, "train_log.jsonl").decode().splitlines()]
     assert resumed_losses[-4:] == pytest.approx(straight_losses[-4:], abs=1e-6)
     assert committed("a" * 12, "model.safetensors") == committed("b" * 12, "model.safetensors")
-    # Each node has its own scratch: both localized the inputs from the store, and a node's copy of step 4's
-    # checkpoint holds its own rank's partition only, never the other rank's (the stage's node drops its copy at the
-    # end; rank 0 fetches every partition of the last step to consolidate the ZeRO-3 weights).
-    node_scratch = (cluster.root / "scratch", cluster.root / "worker1-private")
-    for scratch in node_scratch:
+    # Each node has its own scratch, and both localized the inputs from the store.
+    for scratch in (cluster.root / "scratch", cluster.root / "worker1-private"):
         assert (scratch / "inputs" / "tokenize" / INPUT_VERSIONS["tokenize"] / "manifest.json").exists(), scratch
-    steps = [
-        step
-        for scratch in node_scratch
-        for step in scratch.glob(f"pretrain/{'b' * 12}.partial/checkpoints/step-00000004")
-    ]
-    assert steps
-    for step in steps:
-        assert len({p.name.split("_mp_rank")[0] for p in step.glob("zero_pp_rank_*")}) == 1, sorted(step.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="the worker node's own scratch disk is a private bind mount: needs root")
+@pytest.mark.parametrize("cluster", [{"private_scratch": True, "head_cpus": 0}], indirect=True)
+def test_sigterm_reaches_training_ranks_on_other_nodes_through_the_object_store(cluster, s3_store, inputs, tmp_path):  # noqa: F811
+    """The stage's task on the head node, its only rank on the worker node (no CPU on the head): SIGTERM to the task
+    writes the stop request into its node's scratch and the store; the rank sees it there, checkpoints and stops,
+    and running the stage again resumes from that checkpoint in the store and finishes."""
+    store = Store(s3_store)
+    for name, version in INPUT_VERSIONS.items():
+        store.commit(name, version, inputs[name], {})
+    # Long enough that the rank, which polls the store every 5 s, sees the request well before the end.
+    version, steps = "c" * 12, 2000
+    args = ("--workers", "1", f"steps={steps}", "eval_every=1000", f"sample_every={steps}", "checkpoint_every=5000")
+    process = train_on_cluster(cluster, s3_store, version, tmp_path, tmp_path, *args, wait=False)
+    log = cluster.root / "worker1-private" / "pretrain" / f"{version}.partial" / "train_log.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        assert time.time() < deadline and process.poll() is None, (tmp_path / f"{version}.log").read_text()[-8000:]
+        time.sleep(0.5)
+    os.kill(int((tmp_path / f"{version}.json.pid").read_text()), signal.SIGTERM)
+    process.wait(timeout=600)
+    stopped = training_result(tmp_path, version)
+    assert "was asked to stop (SIGTERM) and stopped after step" in stopped.get("error", ""), stopped
+    step = int(stopped["error"].split("stopped after step ")[1].split()[0])
+    assert 5 <= step < steps
+    marker = store.fs.get_file_info(f"{store.partial_path('pretrain', version)}/STOP_REQUEST")
+    assert marker.type == pafs.FileType.NotFound  # withdrawn once the stage ended
+    train_on_cluster(cluster, s3_store, version, tmp_path, tmp_path, *args)
+    finished = training_result(tmp_path, version)
+    assert finished["resumed"] and "model.safetensors" in finished["files"], finished
+    with store.fs.open_input_stream(f"{store.artifact_path('pretrain', version)}/train_log.jsonl") as f:
+        logged = [json.loads(line)["step"] for line in f.read().decode().splitlines()]
+    assert logged == list(range(1, steps + 1))  # the log as far as the checkpoint, then the resumed steps

@@ -7,14 +7,17 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.artifacts import Store
 from pipeline.config import typed
 from pipeline.dag import StageContext, StageResources
 from pipeline.errors import GptlineError
 from stages import pretrain, tokenize, tokenizer
+from stages.training.engine import Checkpoints
 from tests.test_tokenizer import corpus, shakespeare_docs
 
 SMALL = {
@@ -112,3 +115,30 @@ def test_loss_guard_skips_a_nan_and_rolls_back_after_repeated_ones(inputs, tmp_p
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # step 5 again after the rollback to 4
     assert all(math.isfinite(r["loss"]) for r in log)
     assert math.isfinite(final["val_loss"])
+
+
+def test_a_rank_downloads_the_shared_checkpoint_files_and_its_own_partition_only(tmp_path):
+    """On an object store (workers on nodes that share no disk) a resuming rank fetches what DeepSpeed reads for it,
+    never the other ranks' optimizer states; consolidating ZeRO-3 weights fetches everything."""
+    store = Store("store", filesystem=pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem()))
+    writer, reader = tmp_path / "node-a" / "work", tmp_path / "node-b" / "work"
+    tag = "step-00000004"
+    names = ["mp_rank_00_model_states.pt", "zero_to_fp32.py"] + [
+        f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(3) for kind in ("model", "optim")
+    ]
+    for name in names:
+        (writer / "checkpoints" / tag).mkdir(parents=True, exist_ok=True)
+        (writer / "checkpoints" / tag / name).write_text(name)
+    (writer / "checkpoints" / "latest").write_text(tag)
+    on_writer = store.mirror("pretrain", "a" * 12, writer, {})
+    on_writer.push([f"checkpoints/{tag}/{name}" for name in names] + ["checkpoints/latest"])
+
+    checkpoints = Checkpoints(reader / "checkpoints", 2, store.mirror("pretrain", "a" * 12, reader, {}))
+    assert checkpoints.latest() == tag  # read from the store: this node never saw the marker
+    checkpoints.download(tag, 1)
+    assert sorted(p.name for p in (reader / "checkpoints" / tag).iterdir()) == [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_to_fp32.py",
+    ]  # fmt: skip
+    checkpoints.download_all()
+    assert sorted(p.name for p in (reader / "checkpoints" / tag).iterdir()) == sorted(names)

@@ -204,20 +204,20 @@ class Checkpoints:
         if tag is None:
             return None
         if self.mirror.enabled:
-            self.download(tag, lambda rank: rank is None or rank == engine.global_rank)
+            self.download(tag, engine.global_rank)
         _, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
         return client_state
 
     def download_all(self) -> None:
         tag = self.latest()
         if self.mirror.enabled and tag is not None:
-            self.download(tag, lambda rank: True)
+            self.download(tag, None)
 
-    def download(self, tag: str, wanted: Any) -> None:
-        """The files of checkpoint `tag` whose writer rank `wanted(rank)` accepts, always fetched again (a rollback
-        may have rewritten a step's files since an earlier download)."""
+    def download(self, tag: str, rank: int | None) -> None:
+        """The files of checkpoint `tag` that `rank` reads: the shared ones and its own partition (every file when
+        `rank` is None), fetched again even when present (a rollback may have rewritten a step's files since)."""
         files = self.mirror.list(f"{self.rel}/{tag}")
-        self.mirror.pull([rel for rel in files if wanted(checkpoint_file_rank(Path(rel).name))])
+        self.mirror.pull([rel for rel in files if rank is None or checkpoint_file_rank(Path(rel).name) in (None, rank)])
 
 
 # ---- loss guard -------------------------------------------------------------------------------------------------

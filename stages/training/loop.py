@@ -136,6 +136,7 @@ def fit(
     `extra_metrics(seconds, tokens)` adds per-step figures such as MFU; `mirror` (`loop["mirror"]`) is where the
     checkpoints live when the nodes share no filesystem."""
     checkpoints = Checkpoints(out_dir / CHECKPOINTS, cfg.keep_checkpoints, mirror)
+    stop_poll = StopPoll(out_dir, checkpoints.mirror, rank)
     guard = LossGuard(cfg.guard)
     step = tokens_seen = 0
     state = checkpoints.load(engine)
@@ -182,7 +183,7 @@ def fit(
         now = time.perf_counter()
         seconds, last = now - last, now
         # One all-reduce: the step's tokens, and whether any rank has seen a stop request (so all stop together).
-        tokens_sum, stop_votes = sum_over_ranks([float(tokens), float(stop_requested(out_dir))])
+        tokens_sum, stop_votes = sum_over_ranks([float(tokens), float(stop_poll())])
         tokens, stop = int(tokens_sum), stop_votes > 0
         tokens_seen += tokens
         record = {
@@ -250,10 +251,28 @@ def mirror_log(mirror: NodeMirror, rank: int) -> None:
         mirror.push([LOG])
 
 
-def stop_requested_on_any_rank(out_dir: Path) -> bool:
+class StopPoll:
+    """Whether this rank has seen a request to stop: the marker in its node's work directory (every call), or, for
+    rank 0 with an enabled mirror, in the store's copy, where the stage's task publishes it for nodes that do not
+    share its work directory (at most every `every_s`: one request to the store, not one per step)."""
+
+    def __init__(self, out_dir: Path, mirror: NodeMirror, rank: int, every_s: float = 5.0):
+        self.out_dir, self.every_s, self.last = out_dir, every_s, 0.0
+        self.mirror = mirror if rank == 0 and mirror.enabled else None
+
+    def __call__(self) -> bool:
+        if stop_requested(self.out_dir):
+            return True
+        if self.mirror is None or time.monotonic() - self.last < self.every_s:
+            return False
+        self.last = time.monotonic()
+        return self.mirror.exists(STOP_REQUEST)
+
+
+def stop_requested_on_any_rank(poll: StopPoll) -> bool:
     """Whether to stop after this iteration, the same answer on every rank (each may see the request at a different
     moment). `fit` folds this vote into its per-step token all-reduce instead."""
-    return sum_over_ranks([float(stop_requested(out_dir))])[0] > 0
+    return sum_over_ranks([float(poll())])[0] > 0
 
 
 def stopped(out_dir: Path, step: int, rank: int, log) -> dict[str, Any]:
@@ -321,21 +340,20 @@ def worker_files(out_dir: Path) -> list[str]:
 
 
 def _on_worker(worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any]) -> None:
-    """A worker on any node: with a mirror, the first rank of each node fetches the inputs and the stage's files
-    (what it wrote before the workers started, the log of an earlier attempt) before anyone starts; after the
-    fit, rank 0 uploads what it wrote (weights, export, log, final.json) for the stage's own task to commit."""
+    """A worker on any node: with a mirror, the inputs (once per node) and the stage's files (what it wrote before
+    the workers started, the log of an earlier attempt) are fetched before anyone starts; after the fit, rank 0
+    uploads what it wrote (weights, export, log, final.json) for the stage's own task to commit."""
     import ray.train
 
     mirror: NodeMirror = loop_config["mirror"]
-    context = ray.train.get_context()
     if mirror.enabled:
-        if context.get_local_rank() == 0:
-            Path(loop_config["out_dir"]).mkdir(parents=True, exist_ok=True)
-            mirror.pull_inputs()
-            mirror.pull([rel for rel in mirror.list() if rel.split("/")[0] not in (CHECKPOINTS, STOP_REQUEST)])
-        barrier()
+        # Every rank, not one per node: Ray Train numbers local ranks by IP address, which nodes may share.
+        Path(loop_config["out_dir"]).mkdir(parents=True, exist_ok=True)
+        mirror.pull_inputs()
+        mirror.pull([rel for rel in mirror.list() if rel.split("/")[0] not in (CHECKPOINTS, STOP_REQUEST)])
+        barrier()  # nobody writes to the work directory while another rank may still replace a file there
     worker(loop_config)
-    if mirror.enabled and context.get_world_rank() == 0:
+    if mirror.enabled and ray.train.get_context().get_world_rank() == 0:
         mirror.push(worker_files(Path(loop_config["out_dir"])))
 
 
