@@ -304,11 +304,7 @@ class Store:
         }
 
     def delete(self, path: str) -> None:
-        info = self._info(path)
-        if info.type == pafs.FileType.Directory:
-            self.fs.delete_dir(path)
-        elif info.type == pafs.FileType.File:
-            self.fs.delete_file(path)
+        _delete(self.fs, path)
 
     # ---- building artifacts --------------------------------------------------------------------------------
     def open_workdir(self, stage: str, version: str, scratch: Path) -> tuple[Path, bool]:
@@ -428,6 +424,15 @@ class Store:
         return held
 
 
+def _delete(fs: pafs.FileSystem, path: str) -> None:
+    """Remove a directory or a file (nothing if it is not there)."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def _download_dir(fs: pafs.FileSystem, remote: str, local: Path) -> None:
     """Copy a committed directory (one with a manifest) to `local` unless it is already there. Processes of one
     node take turns (a lock file beside it): the first downloads, the others then find it there."""
@@ -481,8 +486,7 @@ class NodeMirror:
         if self.fs.get_file_info(remote).type != pafs.FileType.Directory:
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(remote, recursive=recursive))
-        keep = (lambda i: True) if not recursive else (lambda i: i.type == pafs.FileType.File)
-        return sorted(i.path[len(self.partial) + 1 :] for i in infos if keep(i))
+        return sorted(i.path[len(self.partial) + 1 :] for i in infos if not recursive or i.type == pafs.FileType.File)
 
     def push(self, rels: list[str]) -> None:
         for rel in rels:
@@ -511,12 +515,7 @@ class NodeMirror:
         return self.fs.get_file_info(self._remote(rel)).type != pafs.FileType.NotFound
 
     def delete(self, rel: str) -> None:
-        """Remove a directory or a file of the store's copy (nothing if it is not there)."""
-        info = self.fs.get_file_info(self._remote(rel))
-        if info.type == pafs.FileType.Directory:
-            self.fs.delete_dir(info.path)
-        elif info.type == pafs.FileType.File:
-            self.fs.delete_file(info.path)
+        _delete(self.fs, self._remote(rel))
 
 
 def _fsync_dir(path: Path) -> None:

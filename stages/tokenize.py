@@ -125,7 +125,7 @@ def run(cfg: TokenizeConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
     meta = json.loads((tokenizer / "tokenizer_meta.json").read_text())
     dtype = token_dtype(meta["vocab_size"])
     model_file = str(tokenizer / "tokenizer.model")
-    if meta["special_ids"]["end_of_text"] != spm.SentencePieceProcessor(model_file=model_file).eos_id():
+    if meta["special_ids"]["end_of_text"] != _processor(model_file).eos_id():
         raise GptlineError(f"{model_file}: end-of-text is not the model's EOS id (tokenizer_meta.json disagrees)")
     tasks = [
         EncodeTask(split, [str(s) for s in group], str(out_dir / split / group[0].stem), model_file, dtype)

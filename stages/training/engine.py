@@ -208,10 +208,12 @@ class Checkpoints:
         _, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
         return client_state
 
-    def download_all(self) -> None:
+    def download_all(self) -> str | None:
+        """The newest checkpoint's tag, every rank's files of it fetched first (a mirror's copy is this node's)."""
         tag = self.latest()
         if self.mirror.enabled and tag is not None:
             self.download(tag, None)
+        return tag
 
     def download(self, tag: str, rank: int | None) -> None:
         """The files of checkpoint `tag` that `rank` reads: the shared ones and its own partition (every file when

@@ -321,8 +321,8 @@ def consolidated_state(
 
         if rank != 0:
             return None
-        checkpoints.download_all()
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.directory), tag=checkpoints.latest())
+        tag = checkpoints.download_all()
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.directory), tag=tag)
     return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()} if rank == 0 else None
 
 
@@ -331,12 +331,19 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def worker_files(out_dir: Path) -> list[str]:
-    """A training stage's own files in its work directory (relative paths): not the checkpoints (each rank uploads
-    its own), not Ray Train's directory, not a stop request."""
-    skip = (CHECKPOINTS, RAY_TRAIN, STOP_REQUEST)
-    return [p.relative_to(out_dir).as_posix() for p in sorted(out_dir.rglob("*"))
-            if p.is_file() and p.relative_to(out_dir).parts[0] not in skip]  # fmt: skip
+def is_stage_file(rel: str) -> bool:
+    """Whether a path in a training stage's work directory is one of the stage's own files (what is mirrored as a
+    whole): not the checkpoints (each rank moves its own), not Ray Train's directory, not a stop request."""
+    return rel.split("/")[0] not in (CHECKPOINTS, RAY_TRAIN, STOP_REQUEST)
+
+
+def local_stage_files(out_dir: Path) -> list[str]:
+    files = (p.relative_to(out_dir).as_posix() for p in sorted(out_dir.rglob("*")) if p.is_file())
+    return [rel for rel in files if is_stage_file(rel)]
+
+
+def stored_stage_files(mirror: NodeMirror) -> list[str]:
+    return [rel for rel in mirror.list() if is_stage_file(rel)]
 
 
 def _on_worker(worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any]) -> None:
@@ -350,11 +357,11 @@ def _on_worker(worker: Callable[[dict[str, Any]], None], loop_config: dict[str, 
         # Every rank, not one per node: Ray Train numbers local ranks by IP address, which nodes may share.
         Path(loop_config["out_dir"]).mkdir(parents=True, exist_ok=True)
         mirror.pull_inputs()
-        mirror.pull([rel for rel in mirror.list() if rel.split("/")[0] not in (CHECKPOINTS, STOP_REQUEST)])
+        mirror.pull(stored_stage_files(mirror))
         barrier()  # nobody writes to the work directory while another rank may still replace a file there
     worker(loop_config)
     if mirror.enabled and ray.train.get_context().get_world_rank() == 0:
-        mirror.push(worker_files(Path(loop_config["out_dir"])))
+        mirror.push(local_stage_files(Path(loop_config["out_dir"])))
 
 
 def launch(
@@ -384,14 +391,14 @@ def launch(
         ),
     )
     if ctx.mirror.enabled:  # what this task wrote for its workers (sft's and rm's examples)
-        ctx.mirror.push(worker_files(out_dir))
+        ctx.mirror.push(local_stage_files(out_dir))
     try:
         result = trainer.fit()
     finally:
         if ctx.mirror.enabled:
             # The store's copy is the one that counts: rank 0's outputs come here, this node's (stale) checkpoints
             # go, so nothing uploads them over the store's newer ones.
-            ctx.mirror.pull([rel for rel in ctx.mirror.list() if rel.split("/")[0] != CHECKPOINTS])
+            ctx.mirror.pull(stored_stage_files(ctx.mirror))
             shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
     if result.error is not None:
         raise result.error
