@@ -3,14 +3,14 @@
 
     .venv-trl/bin/python bench/ppo_trl.py SFT_DIR RM_DIR PROMPTS_JSON ARGS_JSON
 
-Prints one JSON line: the seconds between consecutive PPO updates (one update = rollout + scoring + epochs), and
-their median after the first.
+Lockstep with the parent: each PPO update (rollout + scoring + epochs) starts when a line arrives on stdin, and its
+seconds are printed as one JSON line when it ends, so the parent runs its own iterations in between and the two are
+measured side by side on the same machine state (this machine's speed drifts by 10-20% over minutes).
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -21,15 +21,22 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
 
-class Timer(TrainerCallback):
+class Lockstep(TrainerCallback):
+    """Holds each update until the parent says go, and reports how long it took."""
+
     def __init__(self) -> None:
-        self.stamps: list[float] = []
+        self.start = 0.0
+
+    def wait(self) -> None:
+        sys.stdin.readline()
+        self.start = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.stamps.append(time.perf_counter())
+        self.wait()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.stamps.append(time.perf_counter())
+        print(json.dumps({"iteration_s": time.perf_counter() - self.start}), flush=True)
+        self.wait()
 
 
 def main() -> None:
@@ -37,7 +44,6 @@ def main() -> None:
     torch.set_num_threads(args["threads"])
     tokenizer = AutoTokenizer.from_pretrained(sft)
     dataset = Dataset.from_dict({"input_ids": prompts})
-    updates = args["iterations"] + 1
     with tempfile.TemporaryDirectory() as out:
         config = PPOConfig(
             output_dir=out,
@@ -46,7 +52,7 @@ def main() -> None:
             gradient_accumulation_steps=1,
             num_mini_batches=args["batch"] // args["minibatch"],
             num_ppo_epochs=2,
-            total_episodes=args["batch"] * updates,
+            total_episodes=args["batch"] * (args["iterations"] + 1),
             response_length=args["new_tokens"],
             temperature=1.0,
             local_rollout_forward_batch_size=args["batch"],
@@ -58,7 +64,6 @@ def main() -> None:
             bf16=False,
             dataloader_drop_last=True,
         )
-        timer = Timer()
         trainer = PPOTrainer(
             args=config,
             processing_class=tokenizer,
@@ -67,11 +72,9 @@ def main() -> None:
             reward_model=AutoModelForSequenceClassification.from_pretrained(rm),
             value_model=AutoModelForSequenceClassification.from_pretrained(rm),
             train_dataset=dataset,
-            callbacks=[timer],
+            callbacks=[Lockstep()],
         )
         trainer.train()
-    intervals = [b - a for a, b in zip(timer.stamps, timer.stamps[1:], strict=False)]
-    print(json.dumps({"iterations_s": intervals, "median_iteration_s": statistics.median(intervals[1:])}))
 
 
 if __name__ == "__main__":

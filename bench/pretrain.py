@@ -1,10 +1,16 @@
 """Benchmark a training step: our model vs transformers' LlamaForCausalLM, and our MFU, side by side in one process.
 
-    python -m bench.pretrain [--dim 512] [--layers 4] [--seq 256] [--batch 8] [--steps 10] [--threads 2]
+    python -m bench.pretrain [--dim 192] [--layers 4] [--heads 4] [--vocab 4096] [--seq 256] [--batch 8] [--steps 10]
+                             [--threads 2] [--no-compile]
 
 Both models hold the same weights (ours exported and loaded by transformers), train on the same random batch with
-the same AdamW, fp32, alternating step by step; the medians are compared. MFU is our training FLOP/s (6N plus the
-attention term per token) over the machine's fp32 matmul peak measured here with the same thread count.
+the same AdamW, fp32, step by step in turn; the medians are compared. Four ways: ours as the stage trains it with
+`pretrain.compile=true` (every block through `torch.compile`, stages/training/engine.py: compile_blocks), ours
+eager, transformers eager (how its Trainer runs by default), and transformers with the same per-block compile, so
+the ratio shows where the difference comes from. The default shape is the `tiny` preset with the default
+tokenizer's 4096 pieces (what `make run` pretrains); `--dim 512 --heads 8` is a shape where matmuls dominate. MFU
+is our training FLOP/s (6N plus the attention term per token) over the machine's fp32 matmul peak measured here with
+the same thread count.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 
 from stages.model.export import export
 from stages.model.gpt import GPT, ModelConfig
-from stages.training.engine import flops_per_token, measured_peak_flops
+from stages.training.engine import compile_blocks, flops_per_token, measured_peak_flops
 
 
 def step_time(model, forward, optimizer, tokens: torch.Tensor) -> float:
@@ -33,14 +39,15 @@ def step_time(model, forward, optimizer, tokens: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dim", type=int, default=192)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
 
     from transformers import LlamaForCausalLM
@@ -50,11 +57,6 @@ def main() -> None:
     cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, vocab_size=args.vocab,
                       max_seq_len=args.seq, multiple_of=64)  # fmt: skip
     ours = GPT(cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        export(ours, Path(tmp), None, {})
-        theirs = LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32, attn_implementation="sdpa")
-    ours.train()
-    theirs.train()
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1))
 
     def ours_loss(model, t):
@@ -63,12 +65,36 @@ def main() -> None:
     def theirs_loss(model, t):
         return model(input_ids=t[:, :-1], labels=t[:, :-1].clone()).loss  # transformers shifts labels itself
 
-    runs = {
-        "ours": (ours, ours_loss, torch.optim.AdamW(ours.parameters(), lr=1e-4)),
-        "transformers": (theirs, theirs_loss, torch.optim.AdamW(theirs.parameters(), lr=1e-4)),
-    }
-    for model, forward, optimizer in runs.values():  # warm-up
-        step_time(model, forward, optimizer, tokens)
+    def copy(kind: str, compiled: bool):
+        model = copy_of_ours() if kind == "ours" else transformers_copy()
+        if compiled:
+            compile_blocks(model if kind == "ours" else model.model)
+        return model.train(), ours_loss if kind == "ours" else theirs_loss
+
+    def copy_of_ours() -> GPT:
+        model = GPT(cfg)
+        model.load_state_dict(ours.state_dict())
+        return model
+
+    def transformers_copy():
+        with tempfile.TemporaryDirectory() as tmp:
+            export(ours, Path(tmp), None, {})
+            return LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32, attn_implementation="sdpa")
+
+    variants = [("ours", False), ("transformers", False)]
+    if args.compile:
+        variants = [("ours", True), *variants, ("transformers", True)]
+    runs = {}
+    for kind, compiled in variants:
+        model, forward = copy(kind, compiled)
+        runs[f"{kind} ({'compiled' if compiled else 'eager'})"] = (
+            model,
+            forward,
+            torch.optim.AdamW(model.parameters(), lr=1e-4),
+        )
+    for model, forward, optimizer in runs.values():  # warm-up (and compile)
+        for _ in range(2):
+            step_time(model, forward, optimizer, tokens)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.steps):
         for name, (model, forward, optimizer) in runs.items():
@@ -80,12 +106,19 @@ def main() -> None:
           f"{ours.num_params() / 1e6:.1f} M parameters; batch {args.batch} x {args.seq}; fp32; {args.threads} threads")  # fmt: skip
     for name in runs:
         print(
-            f"  {name:<13} {tokens_per_step / median[name]:8.0f} tokens/s  ({median[name] * 1000:.0f} ms/step, median of {args.steps})"
+            f"  {name:<24} {tokens_per_step / median[name]:8.0f} tokens/s  ({median[name] * 1000:.0f} ms/step, median of {args.steps})"
         )
-    print(f"ratio ours / transformers: {median['transformers'] / median['ours']:.2f}x (target >= 1.2x)")
-    achieved = tokens_per_step * flops_per_token(ours, args.seq) / median["ours"]
-    print(f"MFU: {achieved / 1e9:.1f} GFLOP/s of a measured fp32 matmul peak of {peak / 1e9:.1f} GFLOP/s = "
-          f"{achieved / peak:.0%} (target >= 50%)")  # fmt: skip
+    ours_name = "ours (compiled)" if args.compile else "ours (eager)"
+    print(f"ratio {ours_name} / transformers (eager): {median['transformers (eager)'] / median[ours_name]:.2f}x "
+          "(target >= 1.2x)")  # fmt: skip
+    if args.compile:
+        print(f"ratio ours (compiled) / transformers (compiled): "
+              f"{median['transformers (compiled)'] / median['ours (compiled)']:.2f}x")  # fmt: skip
+        print(f"ratio ours (eager) / transformers (eager): "
+              f"{median['transformers (eager)'] / median['ours (eager)']:.2f}x")  # fmt: skip
+    achieved = tokens_per_step * flops_per_token(ours, args.seq) / median[ours_name]
+    print(f"MFU ({ours_name}): {achieved / 1e9:.1f} GFLOP/s of a measured fp32 matmul peak of {peak / 1e9:.1f} "
+          f"GFLOP/s = {achieved / peak:.0%} (target >= 50%)")  # fmt: skip
 
 
 if __name__ == "__main__":

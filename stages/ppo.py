@@ -143,15 +143,12 @@ class PPOConfig:
 
 
 # ---- the algorithm -------------------------------------------------------------------------------------------
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log p(token) under the sampling distribution (logits at t-1 predict token t; the caller aligns them)."""
-    logits = logits.float() / (temperature if temperature > 0 else 1.0)
-    return logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool = False):
+    """log p(token) under the sampling distribution (logits at t-1 predict token t; the caller aligns them), and
+    with `with_entropy` the entropy of each position's distribution, from the same log-softmax."""
     logp = (logits.float() / (temperature if temperature > 0 else 1.0)).log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
+    picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return (picked, -(logp.exp() * logp).sum(-1)) if with_entropy else picked
 
 
 def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -257,9 +254,7 @@ class FrozenModels:
 
     @torch.no_grad()
     def reference_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor, start: int, temperature: float):
-        tokens, mask = tokens.to(self.device), mask.to(self.device)
-        logits, _ = self.reference(tokens, attention_mask=mask)
-        return token_logprobs(logits[:, start - 1 : -1], tokens[:, start:], temperature).cpu()
+        return forward_logprobs(self.reference, tokens.to(self.device), mask.to(self.device), start, temperature).cpu()
 
     @torch.no_grad()
     def scores(self, prompts: list[list[int]], answers: list[list[int]], texts: list[str]) -> torch.Tensor:
@@ -337,10 +332,8 @@ def answer_batch(prompts: list[list[int]], answers: list[list[int]], pad: int):
 
 def forward_logprobs(model, tokens, mask, start: int, temperature: float, with_entropy: bool = False):
     """log p of each answer token under `model` (and the entropy of each answer position's distribution)."""
-    logits, _ = model(tokens, attention_mask=mask)
-    logits = logits[:, start - 1 : -1]
-    logp = token_logprobs(logits, tokens[:, start:], temperature)
-    return (logp, entropy(logits, temperature)) if with_entropy else logp
+    logits, _ = model(tokens, attention_mask=mask, logits_from=start - 1)
+    return token_logprobs(logits[:, :-1], tokens[:, start:], temperature, with_entropy)
 
 
 def forward_values(model, tokens: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
@@ -381,7 +374,7 @@ def rollout(policy: GPT, value: ScalarModel, frozen, prompts: list[list[int]], c
     def record(token: torch.Tensor, logits: torch.Tensor) -> None:
         # The log-prob of each sampled token under the sampling policy, from the logits that sampled it (no
         # second forward pass; tokens after a row's stop are masked out below)
-        steps.append((token_logprobs(logits, token, temperature), entropy(logits, temperature)))
+        steps.append(token_logprobs(logits, token, temperature, with_entropy=True))
 
     answers = generate(policy, prompts, cfg.sampling, stop_ids=[end], pad_id=pad, generator=generator,
                        on_step=record)  # fmt: skip

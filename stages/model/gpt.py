@@ -8,7 +8,7 @@ Module names follow `LlamaForCausalLM` (minus its `model.` prefix), so the expor
 `forward(tokens, targets=None, attention_mask=None, cache=None)`: `attention_mask` (B, T) marks real tokens (1)
 versus padding (0, e.g. left padding for batched prompts), positions then count real tokens only; `cache` is a
 `KVCache` the call appends to (generation). With `targets` the mean cross-entropy over targets != -100 is
-returned beside the logits. `ScalarModel` is the same decoder with a one-output head instead of `lm_head`: the
+returned beside the logits; `logits_from` computes them from that position on only. `ScalarModel` is the same decoder with a one-output head instead of `lm_head`: the
 reward model and PPO's value model.
 """
 
@@ -250,11 +250,14 @@ class GPT(Decoder):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
+        logits_from: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.lm_head(self.hidden(tokens, attention_mask, cache, positions))
+        """`logits_from`: the first position whose logits (and targets) count; a caller that scores only the end of
+        each row (PPO's answers) skips the output projection, the largest matmul of a small model, for the rest."""
+        logits = self.lm_head(self.hidden(tokens, attention_mask, cache, positions)[:, logits_from:])
         if targets is None:
             return logits, None
-        flat = targets.reshape(-1)
+        flat = targets[:, logits_from:].reshape(-1)
         total = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), flat, ignore_index=IGNORE_INDEX, reduction="sum"
         )

@@ -199,7 +199,8 @@ def fit(
             record.update(task.evaluate(engine))
         if rank == 0 and (step % cfg.sample_every == 0 or step == total_steps):
             engine.module.eval()
-            record["samples"] = task.samples(engine.module)
+            with torch.compiler.set_stance("force_eager"):  # decoding: compiled blocks (compile_blocks) run eager
+                record["samples"] = task.samples(engine.module)
             engine.module.train()
         if log is not None:
             log.write(json.dumps(record) + "\n")
