@@ -1,6 +1,6 @@
 """Benchmark the tokenize stage: tokens/s with 2 Ray workers vs a single-process sentencepiece loop, side by side.
 
-    python -m bench.tokenize [--store store] [--copies 4] [--repeats 3]   (as a module: the file name is also a stdlib one)
+    python -m bench.tokenize [--store store] [--copies 4] [--repeats 5]   (as a module: the file name is also a stdlib one)
 
 Input: the default corpus and tokenizer (the `crawl_mix` and `tokenizer` artifacts; built first with
 `gptline run --until tokenizer` when absent), its train shards repeated `--copies` times so each run has enough
@@ -9,6 +9,8 @@ work. Measured in one process, alternating, medians of the repeats:
   Arrow IPC write;
 - a single-process `SentencePieceProcessor.encode` loop over the same texts, already in memory (encode only);
 - Hugging Face `tokenizers` (our exported tokenizer.json) `encode_batch` over the same texts, as a peer.
+Each repeat runs the four back to back; a ratio is the median of the repeats' own ratios (this machine's speed
+drifts by 10-20% over a minute, which a ratio of separate medians would mix in).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", default="store")
     parser.add_argument("--copies", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     corpus, tokenizer_dir = artifacts(Path(args.store).resolve())
@@ -117,9 +119,14 @@ def main() -> None:
     ]
     for label, key in rows:
         print(f"  {label:<52} {tokens / median[key] / 1e6:6.2f} M tokens/s  ({median[key]:.2f} s)")
-    print(f"ratio stage (2 workers) / sentencepiece loop: {median['loop'] / median['stage']:.2f}x (target >= 1.8x)")
-    print(f"ratio stage 2 workers / 1 worker: {median['stage1'] / median['stage']:.2f}x")
-    print(f"ratio HF tokenizers / sentencepiece loop: {median['loop'] / median['hf']:.2f}x")
+
+    def ratio(slow: str, fast: str) -> float:  # of each repeat's back-to-back pair: robust to the machine's drift
+        return statistics.median(a / b for a, b in zip(times[slow], times[fast], strict=True))
+
+    print("ratios, medians of the repeats' own:")
+    print(f"  stage (2 workers) / sentencepiece loop: {ratio('loop', 'stage'):.2f}x (target >= 1.8x)")
+    print(f"  stage 2 workers / 1 worker: {ratio('stage1', 'stage'):.2f}x")
+    print(f"  HF tokenizers / sentencepiece loop: {ratio('loop', 'hf'):.2f}x")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,9 @@ def run(cfg: TokenizeConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
     ]
     if not any(task.split == "train" for task in tasks):
         raise GptlineError(f"{corpus / 'train'}: no Parquet shards to tokenize")
+    # Largest first (LPT): a shard bigger than task_bytes is a task of its own, and one of those handed out last
+    # would leave the other workers idle while it runs. Each task writes its own files; the order is free.
+    tasks.sort(key=lambda task: -sum(Path(shard).stat().st_size for shard in task.shards))
     results = ctx.map(encode_shards, tasks, desc="encode")
     summary: dict[str, Any] = {
         "vocab_size": meta["vocab_size"],
