@@ -1,7 +1,10 @@
 """Benchmark PPO: rollout tokens/s with the KV cache vs without, and one PPO iteration of ours vs TRL's PPOTrainer.
 
-    python -m bench.ppo [--dim 256] [--layers 4] [--batch 16] [--minibatch 8] [--new-tokens 128] [--threads 2]
-                        [--trl-python .venv-trl/bin/python]
+    python -m bench.ppo [--dim 192] [--layers 4] [--vocab 4096] [--batch 16] [--minibatch 8] [--new-tokens 128]
+                        [--threads 2] [--trl-python .venv-trl/bin/python]
+
+The default shape is the `tiny` preset with the default tokenizer's 4096 pieces (the model `make run` trains), as in
+bench/pretrain.py.
 
 Rollout: the same model samples `--new-tokens` tokens for `--batch` prompts with a fixed seed, once with the KV cache
 (prefill, then one position per step) and once recomputing the whole sequence every step; tokens/s side by side,
@@ -101,10 +104,10 @@ def trl_iteration(trl: subprocess.Popen, log) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=192)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--minibatch", type=int, default=8)
