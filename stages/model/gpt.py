@@ -8,8 +8,8 @@ Module names follow `LlamaForCausalLM` (minus its `model.` prefix), so the expor
 `forward(tokens, targets=None, attention_mask=None, cache=None)`: `attention_mask` (B, T) marks real tokens (1)
 versus padding (0, e.g. left padding for batched prompts), positions then count real tokens only; `cache` is a
 `KVCache` the call appends to (generation). With `targets` the mean cross-entropy over targets != -100 is
-returned beside the logits; `logits_from` computes them from that position on only. `ScalarModel` is the same decoder with a one-output head instead of `lm_head`: the
-reward model and PPO's value model.
+returned beside the logits; `logits_from` computes them from that position on only. `ScalarModel` is the same
+decoder with a one-output head instead of `lm_head`: the reward model and PPO's value model.
 """
 
 from __future__ import annotations
