@@ -146,7 +146,10 @@ class PPOConfig:
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool = False):
     """log p(token) under the sampling distribution (logits at t-1 predict token t; the caller aligns them), and
     with `with_entropy` the entropy of each position's distribution, from the same log-softmax."""
-    logp = (logits.float() / (temperature if temperature > 0 else 1.0)).log_softmax(-1)
+    logits = logits.float()
+    if temperature > 0 and temperature != 1:  # a division over (B, T, vocabulary) and its backward saved at 1
+        logits = logits / temperature
+    logp = logits.log_softmax(-1)
     picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return (picked, -(logp.exp() * logp).sum(-1)) if with_entropy else picked
 
