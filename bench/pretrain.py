@@ -65,33 +65,23 @@ def main() -> None:
     def theirs_loss(model, t):
         return model(input_ids=t[:, :-1], labels=t[:, :-1].clone()).loss  # transformers shifts labels itself
 
-    def copy(kind: str, compiled: bool):
-        model = copy_of_ours() if kind == "ours" else transformers_copy()
-        if compiled:
-            compile_blocks(model if kind == "ours" else model.model)
-        return model.train(), ours_loss if kind == "ours" else theirs_loss
-
-    def copy_of_ours() -> GPT:
-        model = GPT(cfg)
-        model.load_state_dict(ours.state_dict())
-        return model
-
-    def transformers_copy():
-        with tempfile.TemporaryDirectory() as tmp:
-            export(ours, Path(tmp), None, {})
-            return LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32, attn_implementation="sdpa")
-
     variants = [("ours", False), ("transformers", False)]
     if args.compile:
         variants = [("ours", True), *variants, ("transformers", True)]
     runs = {}
-    for kind, compiled in variants:
-        model, forward = copy(kind, compiled)
-        runs[f"{kind} ({'compiled' if compiled else 'eager'})"] = (
-            model,
-            forward,
-            torch.optim.AdamW(model.parameters(), lr=1e-4),
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        export(ours, Path(tmp), None, {})  # once; every transformers copy loads it
+        for kind, compiled in variants:
+            if kind == "ours":
+                model, forward = GPT(cfg), ours_loss
+                model.load_state_dict(ours.state_dict())
+            else:
+                model = LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32, attn_implementation="sdpa")
+                forward = theirs_loss
+            if compiled:
+                compile_blocks(model if kind == "ours" else model.model)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            runs[f"{kind} ({'compiled' if compiled else 'eager'})"] = (model.train(), forward, optimizer)
     for model, forward, optimizer in runs.values():  # warm-up (and compile)
         for _ in range(2):
             step_time(model, forward, optimizer, tokens)

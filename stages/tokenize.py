@@ -93,16 +93,20 @@ def _processor(model_file: str) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=model_file)
 
 
-def group_by_size(shards: list[Path], task_bytes: int) -> list[list[Path]]:
+@dataclass
+class ShardGroup:
+    shards: list[Path]
+    bytes: int  # their Parquet files' sizes together
+
+
+def group_by_size(shards: list[Path], task_bytes: int) -> list[ShardGroup]:
     """Consecutive runs of shards of about `task_bytes` each (a shard at least `task_bytes` is a task of its own)."""
-    groups: list[list[Path]] = []
-    size = task_bytes
+    groups: list[ShardGroup] = []
     for shard in shards:
-        if size >= task_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(shard)
-        size += shard.stat().st_size
+        if not groups or groups[-1].bytes >= task_bytes:
+            groups.append(ShardGroup([], 0))
+        groups[-1].shards.append(shard)
+        groups[-1].bytes += shard.stat().st_size
     return groups
 
 
@@ -127,16 +131,15 @@ def run(cfg: TokenizeConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
     model_file = str(tokenizer / "tokenizer.model")
     if meta["special_ids"]["end_of_text"] != _processor(model_file).eos_id():
         raise GptlineError(f"{model_file}: end-of-text is not the model's EOS id (tokenizer_meta.json disagrees)")
-    tasks = [
-        EncodeTask(split, [str(s) for s in group], str(out_dir / split / group[0].stem), model_file, dtype)
-        for split in SPLITS
-        for group in group_by_size(sorted((corpus / split).glob("*.parquet")), cfg.task_bytes)
-    ]
-    if not any(task.split == "train" for task in tasks):
-        raise GptlineError(f"{corpus / 'train'}: no Parquet shards to tokenize")
+    groups = [(split, group) for split in SPLITS
+              for group in group_by_size(sorted((corpus / split).glob("*.parquet")), cfg.task_bytes)]  # fmt: skip
     # Largest first (LPT): a shard bigger than task_bytes is a task of its own, and one of those handed out last
     # would leave the other workers idle while it runs. Each task writes its own files; the order is free.
-    tasks.sort(key=lambda task: -sum(Path(shard).stat().st_size for shard in task.shards))
+    groups.sort(key=lambda split_group: -split_group[1].bytes)
+    tasks = [EncodeTask(split, [str(s) for s in group.shards], str(out_dir / split / group.shards[0].stem), model_file,
+                        dtype) for split, group in groups]  # fmt: skip
+    if not any(task.split == "train" for task in tasks):
+        raise GptlineError(f"{corpus / 'train'}: no Parquet shards to tokenize")
     results = ctx.map(encode_shards, tasks, desc="encode")
     summary: dict[str, Any] = {
         "vocab_size": meta["vocab_size"],
