@@ -7,6 +7,9 @@ model, each followed by the end-of-text id, into one token shard: a flat column 
 else uint32) written as a single record batch so training can memory-map it without copying, and a companion index
 file holding each document's start, length and source. The grouping depends only on the corpus and the config, so a
 resumed run plans the same tasks and skips those whose outputs exist.
+A document is encoded in word-aligned pieces of about `PIECE_CHARS` characters (see `word_aligned_pieces`), which
+gives exactly the ids of encoding it whole, about 1.3x faster: sentencepiece's BPE slows down per character as a text
+grows (its merge queue spans the whole text), and web documents run to 100k characters.
 Layout: `train/<first shard>.tokens.arrow`, `train/<first shard>.index.arrow`, the same under `validation/`, and
 `tokens.json` (vocabulary size, dtype, token counts per split and per source).
 """
@@ -14,10 +17,10 @@ Layout: `train/<first shard>.tokens.arrow`, `train/<first shard>.index.arrow`, t
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ VERSION = 2
 SPLITS = ("train", "validation")
 TOKENS_SUFFIX = ".tokens.arrow"
 INDEX_SUFFIX = ".index.arrow"
+PIECE_CHARS = 512  # measured fastest between 256 and 1024 on the default corpus; 64 already pays per-call overhead
 
 
 @dataclass
@@ -65,13 +69,19 @@ def encode_shards(task: EncodeTask) -> dict[str, Any]:
     if not (tokens_path.exists() and index_path.exists()):
         sp = _processor(task.tokenizer)
         table = pa.concat_tables(_read_text(shard) for shard in task.shards)
-        # One document per call (sentencepiece's batch call, on the one thread a task has, measured ~10% slower);
-        # add_eos appends end-of-text, which the tokenizer stage makes the model's EOS.
-        encoded = [sp.encode(text, add_eos=True) for text in table.column("text").to_pylist()]
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        texts = table.column("text").to_pylist()
+        # One piece per call (sentencepiece's batch call, on the one thread a task has, measured ~10% slower);
+        # end-of-text is the model's EOS (run checks it).
+        ids: list[int] = []
+        lengths = np.empty(len(texts), dtype=np.int64)
+        for i, text in enumerate(texts):
+            start = len(ids)
+            for piece in word_aligned_pieces(text):
+                ids += sp.encode(piece)
+            ids.append(sp.eos_id())
+            lengths[i] = len(ids) - start
         starts = np.cumsum(lengths) - lengths
-        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=task.dtype, count=int(lengths.sum()))
-        _write_ipc(pa.table({"tokens": pa.array(flat)}), tokens_path)
+        _write_ipc(pa.table({"tokens": pa.array(np.array(ids, dtype=task.dtype))}), tokens_path)
         source = table.column("source").cast(pa.string())
         _write_ipc(pa.table({"start": starts, "length": lengths, "source": source}), index_path)
     index = read_ipc(index_path)
@@ -79,6 +89,27 @@ def encode_shards(task: EncodeTask) -> dict[str, Any]:
     for source, length in zip(index.column("source").to_pylist(), index.column("length").to_pylist(), strict=True):
         per_source[source] += length
     return {"documents": index.num_rows, "tokens": sum(per_source.values()), "per_source": dict(per_source)}
+
+
+def word_aligned_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of about `size` characters, each cut just before a run of spaces.
+
+    Encoding the pieces one by one gives exactly the ids of encoding `text` whole, for a model trained as the tokenizer
+    stage trains it (split by whitespace, whitespace as a word's prefix, runs of whitespace allowed as pieces, no dummy
+    prefix, no whitespace removal): every piece of its vocabulary lies inside one word, a word being a run of spaces
+    and the characters up to the next run, so nothing merges across such a cut. A literal '▁' (U+2581, what the
+    normalizer turns a space into) counts as a space.
+    """
+    start = 0
+    while len(text) - start > size:
+        cut = text.find(" ", start + size)
+        while cut != -1 and text[cut - 1] in " \u2581":  # inside a run: the run starts earlier
+            cut = text.find(" ", cut + 1)
+        if cut == -1:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _read_text(shard: str) -> pa.Table:

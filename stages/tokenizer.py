@@ -120,6 +120,7 @@ def train(cfg: TokenizerConfig, sample: Path, prefix: Path, threads: int) -> spm
             character_coverage=cfg.character_coverage,
             byte_fallback=cfg.byte_fallback,
             split_digits=cfg.split_digits,
+            # These four also make tokenize's word-aligned pieces encode exactly as the whole text (see there).
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,

@@ -26,6 +26,7 @@ def test_data_benches_run_on_the_default_corpus(tmp_path):
     store = str(tmp_path / "store")  # tokenize builds fetch, crawl_mix and tokenizer here; crawl_mix reuses fetch
     out = bench("tokenize", "--store", store, "--copies", "1", "--repeats", "1")
     assert "stage (2 workers) / sentencepiece loop:" in out and "HF tokenizers / sentencepiece loop:" in out
+    assert "word-aligned pieces / whole documents" in out
     out = bench("crawl_mix", "--store", store, "--repeats", "1")
     assert "docs/s" in out
 

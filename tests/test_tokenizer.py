@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -49,6 +50,16 @@ def corpus(tmp_path: Path, texts: list[str], name: str = "corpus") -> Path:
     return root
 
 
+def code_docs() -> list[str]:
+    """Real indented source (the standard library's), so the tokenizer learns pieces of whitespace runs."""
+    import inspect
+    import json.decoder
+    import shlex
+    import textwrap
+
+    return [inspect.getsource(module) for module in (json.decoder, shlex, textwrap)]
+
+
 def shakespeare_docs() -> list[str]:
     if not SHAKESPEARE.exists():
         pytest.skip(f"needs {SHAKESPEARE} (the shared real-data folder beside the checkout)")
@@ -67,7 +78,7 @@ def train_tokenizer(tmp_path: Path, docs: list[str], **overrides) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, list[str]]:
     tmp = tmp_path_factory.mktemp("tokenizer")
-    docs = shakespeare_docs() + ODD + ["x" * 200_000]  # a very long document too
+    docs = shakespeare_docs() + code_docs() + ODD + ["x" * 200_000]  # a very long document too
     return train_tokenizer(tmp, docs), docs
 
 
@@ -83,6 +94,21 @@ def test_encode_decode_is_lossless_on_every_document(trained):
     assert sp.id_to_piece(ids["user"]) == "<|user|>" and sp.is_control(ids["user"])
     # Control symbols: typed in raw text, a chat marker is ordinary text (and decodes back to itself).
     assert ids["user"] not in sp.encode("<|user|>") and sp.decode(sp.encode("<|user|>")) == "<|user|>"
+
+
+def test_encoding_word_aligned_pieces_gives_the_ids_of_the_whole_text(trained):
+    out, docs = trained
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    assert any(set(sp.id_to_piece(i)) == {"▁"} and len(sp.id_to_piece(i)) > 1 for i in range(sp.get_piece_size()))
+    long_docs = ["\n\n".join(docs[i : i + 40]) for i in range(0, 3000, 40)]  # Shakespeare, up to 20k characters
+    tricky = ["a" + " " * k + "b" + "▁" * (k % 3) + " " * k + "c " * 5 for k in range(12)] + [" ▁ x" * 30]
+    for size in (1, 7, 64, tokenize.PIECE_CHARS):
+        for text in long_docs + code_docs() + ODD + tricky:
+            pieces = list(tokenize.word_aligned_pieces(text, size))
+            assert "".join(pieces) == text
+            # Each cut is just before a run of spaces, never inside one.
+            assert all(b[0] == " " and a[-1] not in " \u2581" for a, b in itertools.pairwise(pieces))
+            assert [i for p in pieces for i in sp.encode(p)] == sp.encode(text), (size, text[:80])
 
 
 def test_hugging_face_export_gives_identical_ids(trained):
