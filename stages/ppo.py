@@ -199,7 +199,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip: float) -> tuple[torch.Te
     unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     stats = {"policy_clipfrac": masked_mean((clipped > unclipped).float(), mask),
-             "approx_kl": masked_mean(ratio - 1 - log_ratio, mask)}  # fmt: skip
+             "approx_kl": masked_mean((ratio - 1 - log_ratio).detach(), mask)}  # fmt: skip  (a figure, not a loss)
     return loss, stats
 
 
