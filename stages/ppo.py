@@ -198,8 +198,9 @@ def policy_loss(logp, old_logp, advantages, mask, clip: float) -> tuple[torch.Te
     ratio = log_ratio.exp()
     unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    # Figures, not losses: no autograd graph behind them.
     stats = {"policy_clipfrac": masked_mean((clipped > unclipped).float(), mask),
-             "approx_kl": masked_mean((ratio - 1 - log_ratio).detach(), mask)}  # fmt: skip  (a figure, not a loss)
+             "approx_kl": masked_mean((ratio - 1 - log_ratio).detach(), mask)}  # fmt: skip
     return loss, stats
 
 
