@@ -1,7 +1,7 @@
 """Benchmark PPO: rollout tokens/s with the KV cache vs without, and one PPO iteration of ours vs TRL's PPOTrainer.
 
     python -m bench.ppo [--dim 192] [--layers 4] [--vocab 4096] [--batch 16] [--minibatch 8] [--new-tokens 128]
-                        [--threads 2] [--trl-python .venv-trl/bin/python]
+                        [--threads 2] [--zero-stage 0] [--trl-python .venv-trl/bin/python]
 
 The default shape is the `tiny` preset with the default tokenizer's 4096 pieces (the model `make run` trains), as in
 bench/pretrain.py.
@@ -10,7 +10,8 @@ Rollout: the same model samples `--new-tokens` tokens for `--batch` prompts with
 (prefill, then one position per step) and once recomputing the whole sequence every step; tokens/s side by side,
 medians of `--repeats`. PPO iteration: rollout, scoring by the reward model, reference log-probs, values, GAE and
 two epochs of minibatch updates of policy and value (ours: the stage's `rollout` and `update` on DeepSpeed engines,
-one process), against TRL 1.12.0's `PPOTrainer` (installed only in a separate virtualenv, `make bench-venv`) on the
+one process, ZeRO stage `--zero-stage`: with one process ZeRO-2, the stage's default over its workers, partitions
+nothing and only adds its gradient bucketing to each step), against TRL 1.12.0's `PPOTrainer` (installed only in a separate virtualenv, `make bench-venv`) on the
 same exported models (ours load in transformers as LlamaForCausalLM / LlamaForSequenceClassification), batch,
 minibatch, epochs and answer length. The two run alternately, one iteration each (TRL in lockstep, see
 bench/ppo_trl.py), after a warm-up iteration of each; the ratio is the median of the pairs' ratios.
@@ -35,7 +36,7 @@ from stages import ppo
 from stages.model.export import export, load
 from stages.model.generate import SamplingConfig, generate
 from stages.model.gpt import GPT, ModelConfig, ScalarModel
-from stages.training.engine import init_deepspeed
+from stages.training.engine import DeepSpeedConfig, init_deepspeed
 from tests.test_tokenizer import shakespeare_docs, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +69,8 @@ def our_iteration(sft: Path, rm: Path, prompts: list[list[int]], args) -> Callab
     """Our PPO iteration as the stage runs it on one worker: seconds of iteration `i` when called with i."""
     os.environ.update(DIST_ENV)  # a process group of one, as DeepSpeed needs
     cfg = ppo.PPOConfig(rollout_batch=args.batch, minibatch=args.minibatch, ppo_epochs=2, missing_end_penalty=0.0,
-                        sampling=SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0))  # fmt: skip
+                        sampling=SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0),
+                        deepspeed=DeepSpeedConfig(zero_stage=args.zero_stage))  # fmt: skip
     policy, _ = init_deepspeed(load(sft), cfg.policy_optim, cfg.deepspeed, args.minibatch, 1)
     value, _ = init_deepspeed(load(rm), cfg.value_optim, cfg.deepspeed, args.minibatch, 1)
     frozen = ppo.FrozenModels(str(sft), str(rm), "model", True)
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2))
     parser.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,7 +125,8 @@ def main() -> None:
         sft, rm, prompts = build_models(Path(tmp), args)
         model = load(sft).eval()
         print(f"model: dim {args.dim}, {args.layers} layers, {model.num_params() / 1e6:.1f}M parameters; batch "
-              f"{args.batch} prompts of {args.prompt} tokens, {args.new_tokens} new tokens; {args.threads} threads")  # fmt: skip
+              f"{args.batch} prompts of {args.prompt} tokens, {args.new_tokens} new tokens; {args.threads} threads; "
+              f"ours on ZeRO stage {args.zero_stage}")  # fmt: skip
         cached, full = [], []
         for _ in range(args.repeats):
             cached.append(rollout_speed(model, prompts, args.new_tokens, True))

@@ -4,7 +4,7 @@
                              [--threads 2] [--no-compile]
 
 Both models hold the same weights (ours exported and loaded by transformers), train on the same random batch with
-the same AdamW, fp32, step by step in turn; the medians are compared. Four ways: ours as the stage trains it with
+the same fused AdamW (what the stage's engine and transformers' Trainer use), fp32, step by step in turn; the medians are compared. Four ways: ours as the stage trains it with
 `pretrain.compile=true` (every block through `torch.compile`, stages/training/engine.py: compile_blocks), ours
 eager, transformers eager (how its Trainer runs by default), and transformers with the same per-block compile, so
 the ratio shows where the difference comes from. The default shape is the `tiny` preset with the default
@@ -80,7 +80,7 @@ def main() -> None:
                 forward = theirs_loss
             if compiled:
                 compile_blocks(model if kind == "ours" else model.model)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             runs[f"{kind} ({'compiled' if compiled else 'eager'})"] = (model.train(), forward, optimizer)
     for model, forward, optimizer in runs.values():  # warm-up (and compile)
         for _ in range(2):

@@ -143,11 +143,12 @@ def test_reward_rises_while_kl_stays_bounded_and_a_large_beta_holds_the_policy(m
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.3
     assert max(kls) < 15.0  # nats per 12-token answer
     assert final["entropy_first"] > 0 and final["entropy"] > 0 and final["prompts"] == 17
-    held = run_ppo(models, tmp_path / "held", kl={"coef": 5.0})
-    print("beta 5: reward", [round(r, 3) for r in curve(tmp_path / "held", "reward_mean")],
-          "\nkl", [round(k, 3) for k in curve(tmp_path / "held", "kl")])  # fmt: skip
-    assert held["kl"] < final["kl"] and held["kl"] < 1.0
-    assert held["reward_mean"] < final["reward_mean"]
+    run_ppo(models, tmp_path / "held", kl={"coef": 5.0})
+    held_rewards, held_kls = curve(tmp_path / "held", "reward_mean"), curve(tmp_path / "held", "kl")
+    print("beta 5: reward", [round(r, 3) for r in held_rewards], "\nkl", [round(k, 3) for k in held_kls])
+    # Over the last four iterations too: the held policy's KL is under a nat, and under half the free one's
+    assert sum(held_kls[-4:]) / 4 < min(1.0, sum(kls[-4:]) / 4 / 2)
+    assert sum(held_rewards[-4:]) < sum(rewards[-4:])
 
 
 def test_frozen_models_in_separate_actors_give_the_colocated_run(models, tmp_path, ray_session):

