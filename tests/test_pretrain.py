@@ -1,5 +1,5 @@
 """pretrain on a real Ray Train worker group with DeepSpeed on CPU: input checks, exact resume after a killed worker,
-ZeRO-2 and ZeRO-3 across two workers against one worker."""
+ZeRO-2 and ZeRO-3 (and their offload presets) across two workers against one worker."""
 
 from __future__ import annotations
 
@@ -94,10 +94,19 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_reproduces_the_straigh
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_workers_under_zero_match_one_worker(inputs, tmp_path, ray_session, zero_stage):
+@pytest.mark.parametrize(
+    "deepspeed",
+    [
+        {"zero_stage": 2},
+        {"zero_stage": 3},
+        {"zero_stage": 2, "offload_optimizer": True},  # the zero2-offload preset
+        {"zero_stage": 3, "offload_optimizer": True, "offload_params": True},  # zero3-offload
+    ],
+    ids=["zero2", "zero3", "zero2-offload", "zero3-offload"],
+)
+def test_two_workers_under_zero_match_one_worker(inputs, tmp_path, ray_session, deepspeed):
     train(inputs, tmp_path / "one", workers=1, steps=4, deepspeed={"zero_stage": 0})
-    train(inputs, tmp_path / "two", workers=2, steps=4, deepspeed={"zero_stage": zero_stage})
+    train(inputs, tmp_path / "two", workers=2, steps=4, deepspeed=deepspeed)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4  # same rows per step; reduction order differs
     one, two = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "two"))

@@ -88,6 +88,9 @@ def deepspeed_config(cfg: DeepSpeedConfig, micro_batch: int, grad_accum: int, gr
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
+        # DeepSpeed refuses an offloaded optimizer that is not its own CPU Adam; ours (torch's fused AdamW) is also
+        # one vectorized CPU kernel per tensor, so the offloaded step runs where and as fast as intended.
+        "zero_force_ds_cpu_optimizer": not cfg.offload_optimizer,
         "bf16": {"enabled": use_bf16(cfg)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
