@@ -11,9 +11,9 @@ Rollout: the same model samples `--new-tokens` tokens for `--batch` prompts with
 medians of `--repeats`. PPO iteration: rollout, scoring by the reward model, reference log-probs, values, GAE and
 two epochs of minibatch updates of policy and value (ours: the stage's `rollout` and `update` on DeepSpeed engines,
 one process, ZeRO stage `--zero-stage`: with one process ZeRO-2, the stage's default over its workers, partitions
-nothing and only adds its gradient bucketing to each step), against TRL 1.12.0's `PPOTrainer` (installed only in a separate virtualenv, `make bench-venv`) on the
-same exported models (ours load in transformers as LlamaForCausalLM / LlamaForSequenceClassification), batch,
-minibatch, epochs and answer length. The two run alternately, one iteration each (TRL in lockstep, see
+nothing and only adds its gradient bucketing to each step), against TRL 1.12.0's `PPOTrainer` (installed only in a
+separate virtualenv, `make bench-venv`) on the same exported models (ours load in transformers as LlamaForCausalLM /
+LlamaForSequenceClassification), batch, minibatch, epochs and answer length. The two run alternately, one iteration each (TRL in lockstep, see
 bench/ppo_trl.py), after a warm-up iteration of each; the ratio is the median of the pairs' ratios.
 """
 

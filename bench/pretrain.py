@@ -8,10 +8,10 @@ the same fused AdamW (what the stage's engine and transformers' Trainer use), fp
 the median of the rounds' own ratios (each round runs every variant once, back to back: this machine's speed
 drifts). Four ways: ours as the stage trains it with `pretrain.compile=true` (every block through `torch.compile`,
 stages/training/engine.py: compile_blocks), ours eager, transformers eager (how its Trainer runs by default), and
-transformers with the same per-block compile, so the ratio shows where the difference comes from. The default shape is the `tiny` preset with the default
-tokenizer's 4096 pieces (what `make run` pretrains); `--dim 512 --heads 8` is a shape where matmuls dominate. MFU
-is our training FLOP/s (6N plus the attention term per token) over the machine's fp32 matmul peak measured here with
-the same thread count.
+transformers with the same per-block compile, so the ratio shows where the difference comes from. The default
+shape is the `tiny` preset with the default tokenizer's 4096 pieces (what `make run` pretrains); `--dim 512 --heads
+8` is a shape where matmuls dominate. MFU is our training FLOP/s (6N plus the attention term per token) over the
+machine's fp32 matmul peak measured here with the same thread count.
 """
 
 from __future__ import annotations

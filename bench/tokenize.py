@@ -8,8 +8,8 @@ work. Measured in one process, alternating, medians of the repeats:
 - the stage (`tokenize.run`, shards fanned out as Ray tasks, 2 workers and 1), end to end: Parquet read, encode,
   Arrow IPC write;
 - a single-process `SentencePieceProcessor.encode` loop over the same texts, already in memory (encode only): one
-  call per document, as a hand-written loop does; and the same loop over the word-aligned pieces the stage encodes
-  (the same ids, see `tokenize.word_aligned_pieces`), which separates that gain from the workers';
+  call per document, as a hand-written loop does; and a loop of the stage's `tokenize.encode_document`, one call per
+  word-aligned piece (the same ids), which separates that gain from the workers';
 - Hugging Face `tokenizers` (our exported tokenizer.json) `encode_batch` over the same texts, as a peer.
 Each repeat runs the five back to back; a ratio is the median of the repeats' own ratios (this machine's speed
 drifts by 10-20% over a minute, which a ratio of separate medians would mix in).
@@ -97,8 +97,7 @@ def main() -> None:
     def sentencepiece_pieces_loop() -> float:
         start = time.perf_counter()
         for text in texts:
-            for piece in tokenize.word_aligned_pieces(text):
-                sp.encode(piece)
+            tokenize.encode_document(sp, text)
         return time.perf_counter() - start
 
     def hf_batch() -> float:

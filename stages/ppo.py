@@ -46,7 +46,7 @@ from pipeline.faults import fault_point
 from pipeline.progress import Progress
 from stages.data.chat import ChatTemplate, Skipped, read_prompts
 from stages.model.export import export, load
-from stages.model.generate import SamplingConfig, generate
+from stages.model.generate import SamplingConfig, generate, temperature_scaled
 from stages.model.gpt import GPT, ScalarModel
 from stages.rm import STATS, pad_rows, rewards_at
 from stages.training.data import ExampleLoader, PackedLoader, TokenStream
@@ -146,10 +146,7 @@ class PPOConfig:
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool = False):
     """log p(token) under the sampling distribution (logits at t-1 predict token t; the caller aligns them), and
     with `with_entropy` the entropy of each position's distribution, from the same log-softmax."""
-    logits = logits.float()
-    if temperature > 0 and temperature != 1:  # a division over (B, T, vocabulary) and its backward saved at 1
-        logits = logits / temperature
-    logp = logits.log_softmax(-1)
+    logp = temperature_scaled(logits, temperature).log_softmax(-1)
     picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return (picked, -(logp.exp() * logp).sum(-1)) if with_entropy else picked
 

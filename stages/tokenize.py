@@ -69,20 +69,12 @@ def encode_shards(task: EncodeTask) -> dict[str, Any]:
     if not (tokens_path.exists() and index_path.exists()):
         sp = _processor(task.tokenizer)
         table = pa.concat_tables(_read_text(shard) for shard in task.shards)
-        texts = table.column("text").to_pylist()
-        # One piece per call (sentencepiece's batch call, on the one thread a task has, measured ~10% slower);
-        # end-of-text is the model's EOS (run checks it). Python ints for one document at a time: a shard of a
-        # real crawl holds hundreds of millions of tokens.
-        documents = [np.empty(0, dtype=task.dtype)]
-        for text in texts:
-            ids: list[int] = []
-            for piece in word_aligned_pieces(text):
-                ids += sp.encode(piece)
-            ids.append(sp.eos_id())
-            documents.append(np.array(ids, dtype=task.dtype))
-        lengths = np.array([len(d) for d in documents[1:]], dtype=np.int64)
+        # Python ints for one document at a time: a shard of a real crawl holds hundreds of millions of tokens.
+        documents = [np.array(encode_document(sp, text), dtype=task.dtype) for text in table.column("text").to_pylist()]
+        lengths = np.array([len(d) for d in documents], dtype=np.int64)
         starts = np.cumsum(lengths) - lengths
-        _write_ipc(pa.table({"tokens": pa.array(np.concatenate(documents))}), tokens_path)
+        tokens = np.concatenate(documents) if documents else np.empty(0, dtype=task.dtype)
+        _write_ipc(pa.table({"tokens": pa.array(tokens)}), tokens_path)
         source = table.column("source").cast(pa.string())
         _write_ipc(pa.table({"start": starts, "length": lengths, "source": source}), index_path)
     index = read_ipc(index_path)
@@ -90,6 +82,16 @@ def encode_shards(task: EncodeTask) -> dict[str, Any]:
     for source, length in zip(index.column("source").to_pylist(), index.column("length").to_pylist(), strict=True):
         per_source[source] += length
     return {"documents": index.num_rows, "tokens": sum(per_source.values()), "per_source": dict(per_source)}
+
+
+def encode_document(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
+    """The ids of `text` then end-of-text (the model's EOS; run checks it), one word-aligned piece per call
+    (sentencepiece's batch call, on the one thread a task has, measured ~10% slower)."""
+    ids: list[int] = []
+    for piece in word_aligned_pieces(text):
+        ids += sp.encode(piece)
+    ids.append(sp.eos_id())
+    return ids
 
 
 def word_aligned_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:

@@ -37,9 +37,7 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     """One token per row from (B, V) logits."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float()
-    if cfg.temperature != 1:  # a pass over (B, V) for nothing at 1
-        logits = logits / cfg.temperature
+    logits = temperature_scaled(logits, cfg.temperature)
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -49,6 +47,13 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         drop = cumulative - sorted_logits.softmax(-1) > cfg.top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return inverse_cdf_sample(logits.softmax(-1), generator)
+
+
+def temperature_scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits divided by `temperature`; left as they are at 1 (a pass over the vocabulary, and its backward in
+    PPO's updates, for nothing) and at 0 (greedy: no distribution to sharpen)."""
+    logits = logits.float()
+    return logits / temperature if temperature not in (0, 1) else logits
 
 
 def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
