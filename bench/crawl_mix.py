@@ -33,7 +33,7 @@ from stages.crawl_mix import CrawlMixConfig, run
 def fetch_artifact(store: Path) -> Path:
     found = Store(str(store)).list("fetch") if store.exists() else []
     if not found:
-        subprocess.run([sys.executable, "-m", "pipeline", "run", f"store.root={store}", "--until", "fetch"], check=True)
+        subprocess.run([sys.executable, "-m", "gptline", "run", f"store.root={store}", "--until", "fetch"], check=True)
         found = Store(str(store)).list("fetch")
     return Path(found[-1].path)
 

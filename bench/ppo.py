@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
+from gptline.model.export import export, load
+from gptline.model.generate import SamplingConfig, generate
+from gptline.model.gpt import GPT, ModelConfig, ScalarModel
+from gptline.training.engine import DeepSpeedConfig, init_deepspeed
 from stages import ppo
-from stages.model.export import export, load
-from stages.model.generate import SamplingConfig, generate
-from stages.model.gpt import GPT, ModelConfig, ScalarModel
-from stages.training.engine import DeepSpeedConfig, init_deepspeed
 from tests.test_tokenizer import shakespeare_docs, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

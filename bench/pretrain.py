@@ -7,7 +7,7 @@ Both models hold the same weights (ours exported and loaded by transformers), tr
 the same fused AdamW (what the stage's engine and transformers' Trainer use), fp32, step by step in turn; a ratio is
 the median of the rounds' own ratios (each round runs every variant once, back to back: this machine's speed
 drifts). Four ways: ours as the stage trains it with `pretrain.compile=true` (every block through `torch.compile`,
-stages/training/engine.py: compile_blocks), ours eager, transformers eager (how its Trainer runs by default), and
+gptline/training/engine.py: compile_blocks), ours eager, transformers eager (how its Trainer runs by default), and
 transformers with the same per-block compile, so the ratio shows where the difference comes from. The default
 shape is the `tiny` preset with the default tokenizer's 4096 pieces (what `make run` pretrains); `--dim 512 --heads
 8` is a shape where matmuls dominate. MFU is our training FLOP/s (6N plus the attention term per token) over the
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from stages.model.export import export
-from stages.model.gpt import GPT, ModelConfig
-from stages.training.engine import compile_blocks, flops_per_token, measured_peak_flops
+from gptline.model.export import export
+from gptline.model.gpt import GPT, ModelConfig
+from gptline.training.engine import compile_blocks, flops_per_token, measured_peak_flops
 
 
 def step_time(model, forward, optimizer, tokens: torch.Tensor) -> float:

@@ -45,7 +45,7 @@ def artifacts(store: Path) -> tuple[Path, Path]:
 
     if not latest("tokenizer"):
         subprocess.run(
-            [sys.executable, "-m", "pipeline", "run", f"store.root={store}", "--until", "tokenizer"], check=True
+            [sys.executable, "-m", "gptline", "run", f"store.root={store}", "--until", "tokenizer"], check=True
         )
     return Path(latest("crawl_mix")[-1].path), Path(latest("tokenizer")[-1].path)
 

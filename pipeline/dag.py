@@ -147,28 +147,6 @@ class StageSpec:
         return self.config_key or self.name
 
 
-@dataclass(frozen=True)
-class CommandSpec:
-    """An extra `gptline` subcommand a registry module offers (its `COMMANDS` list, e.g. `chat`). The CLI mounts it
-    and, when it takes one, resolves its ARTIFACT argument (a directory, STAGE/VERSION, or a stage name for its
-    newest artifact) to a local directory in `args.path`; what the command does is the registry module's business."""
-
-    name: str
-    help: str
-    add_arguments: Callable[[Any], None]  # (argparse parser) -> None; ARTIFACT is added by the CLI
-    run: Callable[[Any], int]  # (argparse namespace) -> exit code
-    takes_artifact: bool = True
-
-
-def load_commands(ref: str) -> list[CommandSpec]:
-    """The `COMMANDS` of the registry's module, if it has any."""
-    module_name = ref.partition(":")[0]
-    try:
-        return list(getattr(importlib.import_module(module_name), "COMMANDS", []))
-    except ImportError:
-        return []
-
-
 def load_registry(ref: str) -> list[StageSpec]:
     """Import 'package.module:ATTRIBUTE', a list of StageSpec."""
     module_name, _, attr = ref.partition(":")

@@ -4,8 +4,8 @@ Each stage module defines a config dataclass, a VERSION and a `run(cfg, inputs, 
 registry is what `gptline run` executes.
 """
 
-from pipeline.dag import CommandSpec, StageResources, StageSpec
-from stages import chat, crawl_mix, evaluate, fetch, plan, ppo, pretrain, rm, sft, tokenize, tokenizer
+from pipeline.dag import StageResources, StageSpec
+from stages import crawl_mix, evaluate, fetch, ppo, pretrain, rm, sft, tokenize, tokenizer
 
 REGISTRY: list[StageSpec] = [
     StageSpec("fetch", fetch.run, fetch.FetchConfig, version=fetch.VERSION),
@@ -90,17 +90,5 @@ REGISTRY: list[StageSpec] = [
         version=evaluate.VERSION,
         resources=StageResources(num_cpus=2.0),  # one process; torch uses this many threads
         report=evaluate.report,
-    ),
-]
-
-COMMANDS: list[CommandSpec] = [
-    CommandSpec("chat", "talk to a chat model (sft or ppo) in the terminal", chat.add_chat_arguments, chat.run_chat),
-    CommandSpec("sample", "continue a prompt with a base model (pretrain)", chat.add_sample_arguments, chat.run_sample),
-    CommandSpec(
-        "plan",
-        "parameters, FLOPs, memory per GPU and days of a pretraining run",
-        plan.add_arguments,
-        plan.run,
-        takes_artifact=False,
     ),
 ]

@@ -3,8 +3,8 @@
 Phases, each a fan-out over files (`ctx.map`: one Ray task per file under the runner), so memory is bounded by
 one file, never by the corpus:
 
-1. extract + filter (per input file): read records (stages.data.readers), drop what breaks a quality rule
-   (stages.data.filters; every drop counted per source and rule), scrub PII, and write the survivors with their
+1. extract + filter (per input file): read records (gptline.data.readers), drop what breaks a quality rule
+   (gptline.data.filters; every drop counted per source and rule), scrub PII, and write the survivors with their
    dedup keys (exact text hash, URL hash, one key per MinHash LSH band) to `_work/docs/<file>.parquet`.
 2. dedup (per key partition): every partition reads only the keys that hash into it, groups equal keys and emits
    (survivor, duplicate) edges; the driver joins the edges (union-find over duplicates only, not documents) and
@@ -36,13 +36,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
+from gptline.data import filters
+from gptline.data.dedup import MinHasher, duplicates_to_drop, group_edges, text_key, unit_hash, url_key
+from gptline.data.readers import DEFAULT_EXTENSIONS, SOURCE_TYPES, RawDocument, expand_paths, read_documents
 from pipeline.checks import at_least
 from pipeline.config import typed
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
-from stages.data import filters
-from stages.data.dedup import MinHasher, duplicates_to_drop, group_edges, text_key, unit_hash, url_key
-from stages.data.readers import DEFAULT_EXTENSIONS, SOURCE_TYPES, RawDocument, expand_paths, read_documents
 
 VERSION = 1
 DEFAULT_RULES = {

@@ -8,7 +8,7 @@ What it measures, all written to `evaluation.json` (and the answers to `samples.
 - perplexity of base, sft and ppo on the held-out pretraining tokens (the tokenize artifact's validation split)
   and on the held-out SFT answers (only the assistant tokens, as sft's loss);
 - few-shot prompting: the base model (and the others, for contrast) on the built-in tasks of
-  `stages/data/fewshot.py`, zero-shot and k-shot, accuracy by log-likelihood against chance;
+  `gptline/data/fewshot.py`, zero-shot and k-shot, accuracy by log-likelihood against chance;
 - the reward model's accuracy on its held-out comparisons, beside the length-only baseline (longer answer wins);
 - answers to held-out prompts: the prompts of the rm's held-out comparisons, which no training stage saw (ppo's
   default prompts are sft's held-out prompts, so those would flatter ppo). sft, ppo, best-of-n and the control
@@ -36,17 +36,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gptline.data import fewshot
+from gptline.data.chat import ChatTemplate, Message
+from gptline.data.formats import COMPARISONS, EXAMPLES, load_ragged
+from gptline.model.export import load
+from gptline.model.generate import SamplingConfig, generate
+from gptline.model.gpt import GPT, IGNORE_INDEX, ScalarModel, rewards_at
+from gptline.training.loaders import TokenStream, collate_examples, pad_rows
 from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
-from stages.data import fewshot
-from stages.data.chat import ChatTemplate, Message
-from stages.model.export import load
-from stages.model.generate import SamplingConfig, generate
-from stages.model.gpt import GPT, IGNORE_INDEX, ScalarModel
-from stages.rm import COMPARISONS, pad_rows, rewards_at
-from stages.sft import EXAMPLES, collate
-from stages.training.data import TokenStream, load_ragged
 
 VERSION = 1
 EVALUATION = "evaluation.json"
@@ -208,7 +207,7 @@ def sft_rows(sft_dir: Path, pad: int) -> list[tuple[np.ndarray, np.ndarray]]:
     held_out = load_ragged(sft_dir / EXAMPLES, "validation_ids", "validation_trained")
     rows = []
     for ids, trained in zip(held_out["validation_ids"], held_out["validation_trained"], strict=True):
-        inputs, targets = collate([(ids, trained)], pad)
+        inputs, targets = collate_examples([(ids, trained)], pad)
         rows.append((inputs[0], targets[0]))
     return rows
 

@@ -38,20 +38,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checks import at_least
-from pipeline.config import typed
-from pipeline.dag import StageContext
-from pipeline.errors import GptlineError
-from pipeline.faults import fault_point
-from pipeline.progress import Progress
-from stages.data.chat import ChatTemplate, Skipped, read_prompts
-from stages.model.export import export, load
-from stages.model.generate import SamplingConfig, generate, temperature_scaled
-from stages.model.gpt import GPT, ScalarModel
-from stages.rm import STATS, pad_rows, rewards_at
-from stages.training.data import ExampleLoader, PackedLoader, TokenStream
-from stages.training.engine import Checkpoints, DeepSpeedConfig, OptimConfig, init_deepspeed, set_rng_state
-from stages.training.loop import (
+from gptline.data.chat import ChatTemplate, Skipped, read_prompts
+from gptline.data.formats import REWARD_STATS
+from gptline.model.export import export, load
+from gptline.model.generate import SamplingConfig, generate, temperature_scaled
+from gptline.model.gpt import GPT, ScalarModel, rewards_at
+from gptline.training.engine import Checkpoints, DeepSpeedConfig, OptimConfig, init_deepspeed, set_rng_state
+from gptline.training.loaders import ExampleLoader, PackedLoader, TokenStream, pad_rows
+from gptline.training.loop import (
     CHECKPOINTS,
     FINAL,
     LOG,
@@ -67,6 +61,12 @@ from stages.training.loop import (
     sum_over_ranks,
     worker_context,
 )
+from pipeline.checks import at_least
+from pipeline.config import typed
+from pipeline.dag import StageContext
+from pipeline.errors import GptlineError
+from pipeline.faults import fault_point
+from pipeline.progress import Progress
 
 VERSION = 1
 KL_ESTIMATORS = ("k1", "k3")
@@ -250,7 +250,7 @@ class FrozenModels:
         self.function = None if reward == "model" else reward_function(reward)
         if self.function is None:
             self.reward_model = load(Path(rm)).eval().requires_grad_(False).to(self.device)
-            stats = json.loads((Path(rm) / STATS).read_text())
+            stats = json.loads((Path(rm) / REWARD_STATS).read_text())
             self.mean, self.std = (stats["mean"], max(stats["std"], 1e-6)) if normalize else (0.0, 1.0)
 
     @torch.no_grad()

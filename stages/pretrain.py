@@ -1,7 +1,7 @@
 """pretrain: the LLaMA-style model trained on the token shards with DeepSpeed ZeRO, on a Ray Train worker group.
 
 The stage function checks its inputs (token ids inside the tokenizer's vocabulary, the context within the model's,
-enough rows for the global batch) and then launches `num_workers` workers (`stages/training/loop.py`: gloo on CPU,
+enough rows for the global batch) and then launches `num_workers` workers (`gptline/training/loop.py`: gloo on CPU,
 nccl on GPU); every worker runs `train_loop`: the same seeded initialisation, a DeepSpeed engine (ZeRO stage,
 offload and precision from config), and the packed loader's slice for its rank. The global batch is config
 (identity); the micro batch per worker follows from the world size and the accumulation steps, so a run on 1
@@ -23,16 +23,12 @@ from typing import Any
 
 import torch
 
-from pipeline.checks import at_least
-from pipeline.config import typed
-from pipeline.dag import StageContext
-from pipeline.errors import GptlineError
-from stages.model.export import export
-from stages.model.generate import SamplingConfig, generate
-from stages.model.gpt import GPT, IGNORE_INDEX, ModelConfig
-from stages.training.data import PackedLoader, TokenStream
-from stages.training.engine import Checkpoints, compile_blocks, flops_per_token, init_deepspeed, measured_peak_flops
-from stages.training.loop import (
+from gptline.model.export import export
+from gptline.model.generate import SamplingConfig, generate
+from gptline.model.gpt import GPT, IGNORE_INDEX, ModelConfig
+from gptline.training.engine import Checkpoints, compile_blocks, flops_per_token, init_deepspeed, measured_peak_flops
+from gptline.training.loaders import PackedLoader, TokenStream
+from gptline.training.loop import (
     CHECKPOINTS,
     TrainConfig,
     barrier,
@@ -43,6 +39,10 @@ from stages.training.loop import (
     micro_batch,
     worker_context,
 )
+from pipeline.checks import at_least
+from pipeline.config import typed
+from pipeline.dag import StageContext
+from pipeline.errors import GptlineError
 
 VERSION = 1
 
@@ -53,7 +53,7 @@ class PretrainConfig(TrainConfig):
     seq_len: int = 0  # 0: the model's max_seq_len
     sample_prompts: list[str] = field(default_factory=lambda: ["The history of", "def main():", "Q: What is"])
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each block (stages/training/engine.py: compile_blocks)
+    compile: bool = False  # torch.compile each block (gptline/training/engine.py: compile_blocks)
     peak_flops: float = 0.0  # per worker, for MFU; 0: measure the fp32 matmul peak (CPU)
 
     def validate(self) -> list[tuple[str, str]]:

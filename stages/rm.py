@@ -1,7 +1,7 @@
 """rm: a reward model trained on human comparisons: the SFT model's trunk plus a scalar head read at the reward token.
 
 The stage function reads the comparison files (`data`; pairs, K-way rankings and Anthropic HH transcripts, see
-`stages/data/chat.py`), encodes each side as prompt + response + `<|reward|>` with the chat template, skips and
+`gptline/data/chat.py`), encodes each side as prompt + response + `<|reward|>` with the chat template, skips and
 counts comparisons longer than the context, and holds out a fraction by a hash of the prompt (the pairs of one
 ranking stay on one side). The encoded pairs go to `comparisons.npz`; the shared loop trains on Ray Train workers
 with checkpoints, exact resume and the loss guard, as every training stage.
@@ -26,17 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.checks import at_least
-from pipeline.config import typed
-from pipeline.dag import StageContext
-from pipeline.errors import GptlineError
-from stages.data.chat import ChatTemplate, Skipped, read_comparisons
-from stages.data.dedup import unit_hash
-from stages.model.export import export, load
-from stages.model.gpt import ScalarModel
-from stages.training.data import ExampleLoader, load_ragged, save_ragged
-from stages.training.engine import Checkpoints, init_deepspeed
-from stages.training.loop import (
+from gptline.data.chat import ChatTemplate, Skipped, read_comparisons
+from gptline.data.dedup import unit_hash
+from gptline.data.formats import COMPARISONS, REWARD_STATS, load_ragged, save_ragged
+from gptline.model.export import export, load
+from gptline.model.gpt import ScalarModel, rewards_at
+from gptline.training.engine import Checkpoints, init_deepspeed
+from gptline.training.loaders import ExampleLoader, pad_rows
+from gptline.training.loop import (
     CHECKPOINTS,
     TrainConfig,
     barrier,
@@ -47,10 +44,12 @@ from stages.training.loop import (
     micro_batch,
     worker_context,
 )
+from pipeline.checks import at_least
+from pipeline.config import typed
+from pipeline.dag import StageContext
+from pipeline.errors import GptlineError
 
 VERSION = 1
-COMPARISONS = "comparisons.npz"
-STATS = "reward_stats.json"
 SPLITS = ("train", "validation")
 COLUMNS = ("chosen", "rejected", "weight")
 
@@ -77,28 +76,6 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Te
     """sum(w * -log sigmoid(r_chosen - r_rejected)) / sum(w); zero when the batch holds no pair."""
     losses = -F.logsigmoid(chosen - rejected)
     return (weight * losses).sum() / weight.sum().clamp(min=1e-12)
-
-
-def rewards_at(model: ScalarModel, tokens: torch.Tensor, mask: torch.Tensor, reward_id: int) -> torch.Tensor:
-    """Each row's scalar at its last reward token (rows are left- or right-padded; `mask` marks real tokens)."""
-    values = model(tokens, attention_mask=mask)
-    is_reward = (tokens == reward_id) & mask.bool()
-    if not bool(is_reward.any(-1).all()):
-        raise ValueError("every row must hold the reward token")
-    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    index = torch.where(is_reward, positions, -1).amax(-1)
-    return values.gather(1, index[:, None]).squeeze(1)
-
-
-def pad_rows(rows: list[np.ndarray], pad_id: int, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, mask) with every row padded to the longest, on the right or the left."""
-    width = max(len(r) for r in rows)
-    tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        tokens[i, span], mask[i, span] = row, 1
-    return tokens, mask
 
 
 def collate(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None], pad_id: int, reward_id: int):
@@ -154,7 +131,7 @@ def run(cfg: RMConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext
     loop_config = {"config": asdict(cfg), "sft": str(inputs["sft"]), "micro_batch": micro, "total_steps": total_steps}
     final = launch("rm", train_loop, loop_config, ctx, out_dir)
     stats = {"mean": final["reward_mean"], "std": final["reward_std"], "pairs": counts["validation_pairs"]}
-    (out_dir / STATS).write_text(json.dumps(stats, indent=2) + "\n")
+    (out_dir / REWARD_STATS).write_text(json.dumps(stats, indent=2) + "\n")
     return {**final, "train_pairs": counts["train_pairs"], "skipped_records": sum(skipped.values())}
 
 

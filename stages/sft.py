@@ -1,10 +1,10 @@
 """sft: supervised fine-tuning of the pretrained model on conversations, with the loss on assistant tokens only.
 
 The stage function reads the conversation files (`data`, "{fetch}" = the fetch artifact; formats in
-`stages/data/chat.py`), encodes each with the chat template, skips and counts records that are bad or longer than
+`gptline/data/chat.py`), encodes each with the chat template, skips and counts records that are bad or longer than
 the context, and splits off a held-out set by a hash of each conversation (so the split never depends on order or
 on how many files there are). The encoded examples go to `examples.npz` in the artifact (what was trained on, and
-what the workers read). Then the shared loop (`stages/training/loop.py`) runs on a Ray Train worker group, as in
+what the workers read). Then the shared loop (`gptline/training/loop.py`) runs on a Ray Train worker group, as in
 pretrain: checkpoints, exact resume, the loss guard, warmup + cosine; `epochs` sets the step count unless `steps`
 does.
 
@@ -23,22 +23,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from pipeline.checks import at_least
-from pipeline.config import typed
-from pipeline.dag import StageContext
-from pipeline.errors import GptlineError
-from stages.data.chat import ChatTemplate, Message, Skipped, read_conversations
-from stages.data.dedup import unit_hash
-from stages.model.export import export, load
-from stages.model.generate import SamplingConfig, generate
-from stages.model.gpt import GPT, IGNORE_INDEX
-from stages.model.lora import LoRAConfig, apply_lora, merge_lora
-from stages.training.data import ExampleLoader, load_ragged, save_ragged
-from stages.training.engine import Checkpoints, init_deepspeed
-from stages.training.loop import (
+from gptline.data.chat import ChatTemplate, Message, Skipped, read_conversations
+from gptline.data.dedup import unit_hash
+from gptline.data.formats import EXAMPLES, PROMPTS, load_ragged, save_ragged
+from gptline.model.export import export, load
+from gptline.model.generate import SamplingConfig, generate
+from gptline.model.gpt import GPT, IGNORE_INDEX
+from gptline.model.lora import LoRAConfig, apply_lora, merge_lora
+from gptline.training.engine import Checkpoints, init_deepspeed
+from gptline.training.loaders import ExampleLoader, collate_examples
+from gptline.training.loop import (
     CHECKPOINTS,
     TrainConfig,
     barrier,
@@ -49,10 +45,12 @@ from stages.training.loop import (
     micro_batch,
     worker_context,
 )
+from pipeline.checks import at_least
+from pipeline.config import typed
+from pipeline.dag import StageContext
+from pipeline.errors import GptlineError
 
 VERSION = 2  # 2: held-out prompts saved for ppo
-EXAMPLES = "examples.npz"
-PROMPTS = "prompts.jsonl"  # the held-out conversations up to their last answer: ppo's default prompts
 SPLITS = ("train", "validation")
 
 
@@ -76,22 +74,6 @@ class SFTConfig(TrainConfig):
 
 
 # ---- examples ------------------------------------------------------------------------------------------------
-def training_row(ids: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs and targets of one example: a target is the next token where the template trains it, else ignored."""
-    return ids[:-1], np.where(trained[1:], ids[1:], IGNORE_INDEX)
-
-
-def collate(examples: list[tuple[np.ndarray, np.ndarray] | None], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded (inputs, targets); an empty slot (the end of an epoch) is one padding row."""
-    rows = [training_row(*e) if e is not None else (np.array([pad_id]), np.array([IGNORE_INDEX])) for e in examples]
-    width = max(len(inputs) for inputs, _ in rows)
-    inputs = np.full((len(rows), width), pad_id, dtype=np.int64)
-    targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
-    for i, (x, y) in enumerate(rows):
-        inputs[i, : len(x)], targets[i, : len(y)] = x, y
-    return inputs, targets
-
-
 def split_key(messages: list[Message]) -> str:
     return json.dumps(messages, sort_keys=True, ensure_ascii=False)
 
@@ -183,9 +165,9 @@ class SFTTask:
         )
         train, validation = (list(zip(examples[f"{s}_ids"], examples[f"{s}_trained"], strict=True)) for s in SPLITS)
         micro = loop["micro_batch"]
-        self.train = ExampleLoader(train, lambda b: collate(b, pad), micro, rank, world,
+        self.train = ExampleLoader(train, lambda b: collate_examples(b, pad), micro, rank, world,
                                    cfg.seed, what="training conversations")  # fmt: skip
-        self.validation = ExampleLoader(validation, lambda b: collate(b, pad), micro,
+        self.validation = ExampleLoader(validation, lambda b: collate_examples(b, pad), micro,
                                         rank, world, cfg.seed, shuffle=False, require_full_batch=False)  # fmt: skip
 
     def loss(self, engine, batch) -> torch.Tensor:

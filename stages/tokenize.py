@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,13 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import sentencepiece as spm
 
+from gptline.data.formats import INDEX_SUFFIX, TOKENS_SUFFIX, read_ipc, token_dtype, write_ipc
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
 VERSION = 2
 SPLITS = ("train", "validation")
-TOKENS_SUFFIX = ".tokens.arrow"
-INDEX_SUFFIX = ".index.arrow"
 PIECE_CHARS = 512  # measured fastest between 256 and 1024 on the default corpus; 64 already pays per-call overhead
 
 
@@ -59,10 +57,6 @@ class EncodeTask:
     dtype: str
 
 
-def token_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
-
-
 def encode_shards(task: EncodeTask) -> dict[str, Any]:
     """Encode one task's shards into one token shard; idempotent (an existing output is read back for its counts)."""
     tokens_path, index_path = Path(task.target + TOKENS_SUFFIX), Path(task.target + INDEX_SUFFIX)
@@ -74,9 +68,9 @@ def encode_shards(task: EncodeTask) -> dict[str, Any]:
         lengths = np.array([len(d) for d in documents], dtype=np.int64)
         starts = np.cumsum(lengths) - lengths
         tokens = np.concatenate(documents) if documents else np.empty(0, dtype=task.dtype)
-        _write_ipc(pa.table({"tokens": pa.array(tokens)}), tokens_path)
+        write_ipc(pa.table({"tokens": pa.array(tokens)}), tokens_path)
         source = table.column("source").cast(pa.string())
-        _write_ipc(pa.table({"start": starts, "length": lengths, "source": source}), index_path)
+        write_ipc(pa.table({"start": starts, "length": lengths, "source": source}), index_path)
     index = read_ipc(index_path)
     per_source: Counter = Counter()
     for source, length in zip(index.column("source").to_pylist(), index.column("length").to_pylist(), strict=True):
@@ -142,20 +136,6 @@ def group_by_size(shards: list[Path], task_bytes: int) -> list[ShardGroup]:
         groups[-1].shards.append(shard)
         groups[-1].bytes += shard.stat().st_size
     return groups
-
-
-def _write_ipc(table: pa.Table, path: Path) -> None:
-    """One record batch per file (contiguous buffers to memory-map), written under a temporary name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table.combine_chunks(), max_chunksize=max(1, table.num_rows))
-    os.replace(tmp, path)
-
-
-def read_ipc(path: Path) -> pa.Table:
-    """Memory-mapped: the returned columns point into the page cache, nothing is copied."""
-    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
 
 
 def run(cfg: TokenizeConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext) -> dict[str, Any]:

@@ -30,9 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import sentencepiece as spm
 
+from gptline.data.dedup import unit_hash
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
-from stages.data.dedup import unit_hash
 
 VERSION = 1
 MODEL_TYPES = ("bpe", "char", "unigram")

@@ -46,24 +46,24 @@ class Pipeline:
         self.store, self.ray, self.capsys = store, ray_session, capsys
 
     def run(self, *args: str) -> int:
-        from pipeline.cli import main
+        from gptline.cli.main import main
 
         return main(["run", *TEST_DAG, f"store.root={self.store}", "tracking=disabled", *args])
 
     def cli(self, *args: str) -> int:
-        from pipeline.cli import main
+        from gptline.cli.main import main
 
         return main([*args, "--store", str(self.store)])
 
     def cli_plain(self, *args: str) -> int:
         """A subcommand with its own options, the store given as an override (`tune`)."""
-        from pipeline.cli import main
+        from gptline.cli.main import main
 
         return main([*args, f"store.root={self.store}", "tracking=disabled"])
 
     def start_driver(self, *args: str) -> subprocess.Popen:
         """`gptline run` of the test DAG in its own process (a driver to signal or kill); output captured."""
-        command = [sys.executable, "-m", "pipeline", "run", *TEST_DAG, f"store.root={self.store}", "tracking=disabled",
+        command = [sys.executable, "-m", "gptline", "run", *TEST_DAG, f"store.root={self.store}", "tracking=disabled",
                    *args]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -111,6 +111,6 @@ def tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def template(tok: Path):
-    from stages.data.chat import ChatTemplate
+    from gptline.data.chat import ChatTemplate
 
     return ChatTemplate(tok)

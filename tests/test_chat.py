@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from stages import fetch, rm, sft
-from stages.data.chat import ChatTemplate, Skipped, read_comparisons, read_conversations
-from stages.model.export import export, load
-from stages.model.gpt import GPT, IGNORE_INDEX, ModelConfig, ScalarModel
-from stages.model.lora import LoRAConfig, apply_lora, merge_lora
+from gptline.data.chat import ChatTemplate, Skipped, read_comparisons, read_conversations
+from gptline.model.export import export, load
+from gptline.model.gpt import GPT, IGNORE_INDEX, ModelConfig, ScalarModel, rewards_at
+from gptline.model.lora import LoRAConfig, apply_lora, merge_lora
+from gptline.training.loaders import collate_examples, pad_rows, training_row
+from stages import fetch, rm
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 128, "multiple_of": 16}
 
@@ -130,7 +131,7 @@ def sft_loss_and_grads(model: GPT, inputs: np.ndarray, targets: np.ndarray):
 def test_sft_loss_ignores_prompt_targets_and_follows_response_targets(template):
     messages = [{"role": "user", "content": "What is the hour?"}, {"role": "assistant", "content": "Past twelve."}]
     ids, trained = template.encode(messages)
-    inputs, targets = sft.training_row(ids, trained)
+    inputs, targets = training_row(ids, trained)
     assert (targets[~trained[1:]] == IGNORE_INDEX).all() and (targets[trained[1:]] == ids[1:][trained[1:]]).all()
     model = tiny_model(template)
     reference = sft_loss_and_grads(model, inputs, targets)
@@ -138,7 +139,7 @@ def test_sft_loss_ignores_prompt_targets_and_follows_response_targets(template):
     prompt_position = int(np.flatnonzero(~trained[1:])[2])  # a user-turn token's target
     changed = ids.copy()
     changed[prompt_position + 1] = (changed[prompt_position + 1] + 7) % template.sp.get_piece_size()
-    _, prompt_changed_targets = sft.training_row(changed, trained)
+    _, prompt_changed_targets = training_row(changed, trained)
     same = sft_loss_and_grads(model, inputs, prompt_changed_targets)
     assert torch.equal(same[0], reference[0]) and all(
         torch.equal(a, b) for a, b in zip(same[1], reference[1], strict=True)
@@ -147,7 +148,7 @@ def test_sft_loss_ignores_prompt_targets_and_follows_response_targets(template):
     response_position = int(np.flatnonzero(trained[1:])[0])
     changed = ids.copy()
     changed[response_position + 1] = (changed[response_position + 1] + 7) % template.sp.get_piece_size()
-    _, response_changed_targets = sft.training_row(changed, trained)
+    _, response_changed_targets = training_row(changed, trained)
     different = sft_loss_and_grads(model, inputs, response_changed_targets)
     assert not torch.allclose(different[0], reference[0])
 
@@ -158,10 +159,10 @@ def test_padded_examples_do_not_see_each_other(template):
     long = template.encode([{"role": "user", "content": "Speak the speech, I pray you, as I pronounced it to you"},
                             {"role": "assistant", "content": "Trippingly on the tongue."}])  # fmt: skip
     model = tiny_model(template)
-    inputs, targets = sft.collate([short, long, None], template.ids["pad"])
+    inputs, targets = collate_examples([short, long, None], template.ids["pad"])
     assert inputs.shape[0] == 3 and (targets[2] == IGNORE_INDEX).all()
     logits, _ = model(torch.from_numpy(inputs))
-    alone_inputs, _ = sft.collate([short], template.ids["pad"])
+    alone_inputs, _ = collate_examples([short], template.ids["pad"])
     alone, _ = model(torch.from_numpy(alone_inputs))
     assert torch.allclose(logits[0, : alone.shape[1]], alone[0], atol=1e-5)
 
@@ -184,14 +185,14 @@ def test_reward_is_read_at_the_reward_token_under_left_and_right_padding(templat
         template.reward_input(prompt, "A short one."),
         template.reward_input(prompt, "A much longer answer, with more words in it."),
     ]
-    alone = [float(rm.rewards_at(model, torch.from_numpy(r)[None], torch.ones(1, len(r)), template.ids["reward"]))
+    alone = [float(rewards_at(model, torch.from_numpy(r)[None], torch.ones(1, len(r)), template.ids["reward"]))
              for r in rows]  # fmt: skip
     for left in (False, True):
-        tokens, mask = rm.pad_rows(rows, template.ids["pad"], left=left)
-        batched = rm.rewards_at(model, torch.from_numpy(tokens), torch.from_numpy(mask), template.ids["reward"])
+        tokens, mask = pad_rows(rows, template.ids["pad"], left=left)
+        batched = rewards_at(model, torch.from_numpy(tokens), torch.from_numpy(mask), template.ids["reward"])
         assert batched.tolist() == pytest.approx(alone, abs=1e-5)
     # Without the mask the padding would be read as content: the readout really depends on the position.
-    tokens, mask = rm.pad_rows(rows, template.ids["pad"], left=True)
+    tokens, mask = pad_rows(rows, template.ids["pad"], left=True)
     values = model(torch.from_numpy(tokens))
     assert float(values[0, -1]) != pytest.approx(alone[0], abs=1e-5)
 
@@ -206,8 +207,8 @@ def test_reward_model_export_loads_as_transformers_sequence_classifier(template,
     prompt = [{"role": "user", "content": "Good morrow."}]
     rows = [template.reward_input(prompt, "Good morrow to you."), template.reward_input(prompt, "Away!")]
     for left in (False, True):
-        tokens, mask = rm.pad_rows(rows, template.ids["pad"], left=left)
-        ours = rm.rewards_at(model, torch.from_numpy(tokens), torch.from_numpy(mask), template.ids["reward"])
+        tokens, mask = pad_rows(rows, template.ids["pad"], left=left)
+        ours = rewards_at(model, torch.from_numpy(tokens), torch.from_numpy(mask), template.ids["reward"])
         with torch.no_grad():
             theirs = hf(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask)).logits[:, 0]
         assert torch.allclose(ours, theirs, atol=1e-4)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.model.export import export
-from stages.model.gpt import GPT, ModelConfig
+from gptline.model.export import export
+from gptline.model.gpt import GPT, ModelConfig
 from tests.test_tokenizer import shakespeare_docs, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def gptline(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], input=stdin, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gptline", *args], input=stdin, capture_output=True, text=True,
                           cwd=ROOT, timeout=120)  # fmt: skip
 
 
@@ -60,8 +60,8 @@ def test_sample_continues_a_prompt_and_bad_flags_are_clear(model_dir):
 
 
 def test_history_keeps_the_system_message_and_the_newest_turns_that_fit(model_dir):
-    from stages.chat import fit_history
-    from stages.data.chat import ChatTemplate
+    from gptline.cli.chat import fit_history
+    from gptline.data.chat import ChatTemplate
 
     template = ChatTemplate(model_dir)
     messages = [{"role": "system", "content": "Be brief."}]

@@ -39,7 +39,7 @@ def cluster(request):
 
 
 def submit(cluster: TwoNodeCluster, store: Path, *overrides: str, wait: bool = True) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pipeline", "submit", "--address", cluster.dashboard, "--registry", REGISTRY,
+    command = [sys.executable, "-m", "gptline", "submit", "--address", cluster.dashboard, "--registry", REGISTRY,
                "--config-dir", os.path.relpath(CONFIG_DIR, ROOT), f"store.root={store}", "tracking=disabled",
                *overrides]  # fmt: skip
     env = {**cluster.env, "PYTHONPATH": str(ROOT)}
@@ -110,7 +110,7 @@ def wait_for_chunk(process: subprocess.Popen, store: Path, chunk: int) -> None:
 
 
 def resume(cluster: TwoNodeCluster, store: Path, run_id: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "pipeline", "resume", run_id, "--store", str(store)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "gptline", "resume", run_id, "--store", str(store)], cwd=ROOT,
                           env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

@@ -31,7 +31,7 @@ def test_kuberay_manifests_use_token_auth_and_keep_the_dashboard_internal():
         assert spec["authOptions"]["mode"] == "token" and spec["rayVersion"] == "2.60.0"
         assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
         assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
-    assert "python -m pipeline run cluster=remote" in job["spec"]["entrypoint"]
+    assert "python -m gptline run cluster=remote" in job["spec"]["entrypoint"]
 
 
 def test_slurm_script_parses_and_starts_an_authenticated_cluster():

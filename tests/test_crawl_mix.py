@@ -244,8 +244,8 @@ def test_same_inputs_and_seed_give_byte_identical_shards(tmp_path):
 
 def test_under_the_runner_the_fan_out_runs_as_ray_tasks_and_matches_a_standalone_run(tmp_path, ray_session):
     """The real registry (fetch=none, crawl_mix) through the CLI on Ray gives the same shards as the plain call."""
+    from gptline.cli.main import main
     from pipeline.artifacts import Store
-    from pipeline.cli import main
 
     write_jsonl(tmp_path / "docs.jsonl", random_docs(np.random.default_rng(11), 200, (50, 300)))
     sources = {

@@ -104,7 +104,7 @@ def test_a_recorded_config_is_revalidated_on_load():
 
 
 def test_overrides_after_only_are_overrides_not_stage_names():
-    from pipeline.cli import parse_args
+    from gptline.cli.main import parse_args
 
     args = parse_args(["run", "--only", "ppo", "ppo.iterations=3", "--until", "rm", "sft.epochs=1"])
     assert args.only == ["ppo"] and args.until == ["rm"]

@@ -15,7 +15,7 @@ from pipeline.artifacts import Store
 
 @pytest.mark.slow
 def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_session, capsys):
-    from pipeline.cli import main
+    from gptline.cli.main import main
 
     store = tmp_path / "store"
     short = ["pretrain.steps=30", "pretrain.eval_every=15", "sft.steps=20", "sft.eval_every=10", "rm.steps=20",

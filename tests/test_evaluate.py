@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from gptline.data import fewshot
+from gptline.model.gpt import GPT, ScalarModel
 from stages import evaluate
-from stages.data import fewshot
-from stages.model.gpt import GPT, ScalarModel
 from tests.test_chat import tiny_model
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gptline.data import filters
+from gptline.data.dedup import MinHasher, duplicates_to_drop, group_edges, jaccard, normalize, text_key, url_key
 from pipeline.config import typed
-from stages.data import filters
-from stages.data.dedup import MinHasher, duplicates_to_drop, group_edges, jaccard, normalize, text_key, url_key
 
 PROSE = (
     "The history of the town is told in the records of the church and of the market. "

@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from gptline.data.formats import load_ragged, save_ragged, write_ipc
+from gptline.training.loaders import IGNORE_INDEX, ExampleLoader, PackedLoader, TokenStream
 from pipeline.errors import GptlineError
-from stages.tokenize import _write_ipc
-from stages.training.data import IGNORE_INDEX, ExampleLoader, PackedLoader, TokenStream, load_ragged, save_ragged
 
 TOTAL = 10_007  # tokens; each token's value is its position, so a batch says exactly what it covers
 
@@ -20,7 +20,7 @@ TOTAL = 10_007  # tokens; each token's value is its position, so a batch says ex
 def stream(tmp_path: Path) -> TokenStream:
     bounds = [0, 3_001, 3_002, 7_500, TOTAL]  # uneven shards, one of a single token
     for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-        _write_ipc(pa.table({"tokens": pa.array(np.arange(lo, hi, dtype=np.uint16))}), tmp_path / f"s{i}.tokens.arrow")
+        write_ipc(pa.table({"tokens": pa.array(np.arange(lo, hi, dtype=np.uint16))}), tmp_path / f"s{i}.tokens.arrow")
     return TokenStream(tmp_path)
 
 

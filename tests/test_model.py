@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gptline.model.export import export, load
+from gptline.model.generate import SamplingConfig, generate
+from gptline.model.gpt import GPT, ModelConfig
 from pipeline.config import typed
-from stages.model.export import export, load
-from stages.model.generate import SamplingConfig, generate
-from stages.model.gpt import GPT, ModelConfig
 
 SPECIAL = {"bos": 1, "end_of_text": 2, "pad": 3}
 
@@ -76,7 +76,7 @@ def test_sampling_respects_stops_seed_top_k_and_top_p():
     assert stopped == first[: first.index(first[4]) + 1]
     with torch.no_grad():
         logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 10.0]])
-    from stages.model.generate import sample_next
+    from gptline.model.generate import sample_next
 
     top1 = SamplingConfig(temperature=1.0, top_k=1)
     assert all(sample_next(logits, top1, None).item() == 4 for _ in range(20))
@@ -85,7 +85,7 @@ def test_sampling_respects_stops_seed_top_k_and_top_p():
 
 
 def test_inverse_cdf_sampling_draws_each_token_at_its_probability_and_never_a_masked_one():
-    from stages.model.generate import inverse_cdf_sample
+    from gptline.model.generate import inverse_cdf_sample
 
     probs = torch.tensor([0.1, 0.0, 0.25, 0.6, 0.05, 0.0])  # zeros: entries top-k/top-p masked out
     draws = inverse_cdf_sample(probs.expand(40_000, -1), torch.Generator().manual_seed(0))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cli import main
+from gptline.cli import plan
+from gptline.cli.main import main
 from pipeline.errors import ConfigError
-from stages import plan
 
 
 def test_llama_65b_on_1_4t_tokens_at_380_tokens_per_gpu_second_on_2048_gpus_takes_about_21_days():

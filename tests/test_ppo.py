@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gptline.model.export import export
+from gptline.model.gpt import GPT, ModelConfig, ScalarModel
 from pipeline.config import typed
 from pipeline.dag import StageContext, StageResources
 from pipeline.errors import GptlineError
 from stages import ppo
-from stages.model.export import export
-from stages.model.gpt import GPT, ModelConfig, ScalarModel
 from tests.test_tokenizer import shakespeare_docs, train_tokenizer
 
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gptline.training.engine import Checkpoints
 from pipeline.artifacts import Store
 from pipeline.config import typed
 from pipeline.dag import StageContext, StageResources
 from pipeline.errors import GptlineError
 from stages import pretrain, tokenize, tokenizer
-from stages.training.engine import Checkpoints
 from tests.test_tokenizer import corpus, shakespeare_docs
 
 SMALL = {

@@ -113,7 +113,7 @@ def test_two_runs_started_at_once_build_each_artifact_once(pipeline):
     command = [
         sys.executable,
         "-m",
-        "pipeline",
+        "gptline",
         "run",
         *TEST_DAG,
         f"store.root={pipeline.store}",
@@ -204,7 +204,7 @@ def test_status_ls_show_and_gc(pipeline):
 
 
 def test_metrics_go_to_jsonl_and_to_an_offline_wandb_run(pipeline):
-    from pipeline.cli import main
+    from gptline.cli.main import main
 
     args = [
         "run",
@@ -252,7 +252,7 @@ def test_unwritable_store_root_fails_before_any_work(pipeline, tmp_path):
 
 
 def test_cli_subprocess_user_error_and_debug_traceback(tmp_path):
-    base = [sys.executable, "-m", "pipeline", "run", *TEST_DAG, "numbers.lrr=1"]
+    base = [sys.executable, "-m", "gptline", "run", *TEST_DAG, "numbers.lrr=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     plain = subprocess.run(base, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert plain.returncode == 2

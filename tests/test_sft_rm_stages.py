@@ -11,13 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gptline.data.chat import Skipped, read_comparisons
+from gptline.data.formats import REWARD_STATS
+from gptline.model.export import export, load
+from gptline.model.gpt import GPT, ModelConfig, ScalarModel
 from pipeline.config import typed
 from pipeline.dag import StageContext, StageResources
 from pipeline.errors import GptlineError
 from stages import rm, sft
-from stages.data.chat import Skipped, read_comparisons
-from stages.model.export import export, load
-from stages.model.gpt import GPT, ModelConfig, ScalarModel
 from tests.test_tokenizer import SHAKESPEARE, shakespeare_docs, train_tokenizer
 
 SHARED = SHAKESPEARE.parent.parent
@@ -133,7 +134,7 @@ def test_rm_stage_on_rankings_writes_reward_statistics(chat_data, tmp_path, ray_
     data = json.loads((out / "data.json").read_text())
     assert data["train_pairs"] + data["validation_pairs"] == 240  # 40 rankings of 4: 6 pairs each
     assert final["skipped_records"] == 2 and 0 <= final["val_accuracy"] <= 1
-    stats = json.loads((out / rm.STATS).read_text())
+    stats = json.loads((out / REWARD_STATS).read_text())
     assert stats["std"] > 0 and stats["mean"] == pytest.approx(final["reward_mean"])
     assert isinstance(load(out), ScalarModel)
 

@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
+from gptline.data.formats import read_ipc
+from gptline.training.loaders import TokenStream
 from pipeline.config import typed
 from pipeline.dag import StageContext, StageResources
 from pipeline.errors import GptlineError
 from stages import tokenize, tokenizer
-from stages.training.data import TokenStream
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "books" / "tinyshakespeare.txt"
 ODD = [
@@ -178,7 +179,7 @@ def test_tokenize_writes_memory_mappable_shards_that_decode_to_the_corpus(traine
     sp = spm.SentencePieceProcessor(model_file=str(out_tok / "tokenizer.model"))
     stream = TokenStream(tmp_path / "first" / "train")
     assert stream.arrays[0].dtype == np.uint16 and not stream.arrays[0].flags.owndata  # a view of the mapped file
-    index = tokenize.read_ipc(tmp_path / "first" / "train" / "a-0000.index.arrow")
+    index = read_ipc(tmp_path / "first" / "train" / "a-0000.index.arrow")
     tokens = stream.arrays[0]
     decoded = []
     for start, length in zip(index.column("start").to_pylist(), index.column("length").to_pylist(), strict=True):

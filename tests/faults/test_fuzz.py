@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gptline.data.chat import Skipped, read_comparisons, read_conversations, read_prompts
+from gptline.data.readers import read_documents
 from pipeline.errors import GptlineError
-from stages.data.chat import Skipped, read_comparisons, read_conversations, read_prompts
-from stages.data.readers import read_documents
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 FUZZ = settings(max_examples=60, derandomize=True, deadline=None,

@@ -22,7 +22,7 @@ from tests.conftest import CONFIG_DIR, REGISTRY, ROOT
 
 EVIL = """
 import os, sys, torch
-from stages.training.engine import weights_only_loads
+from gptline.training.engine import weights_only_loads
 
 class Payload:
     def __reduce__(self):
@@ -48,7 +48,7 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs(tmp_path):
 
 
 def test_our_code_never_unpickles():
-    sources = [p for d in ("pipeline", "stages", "bench") for p in (ROOT / d).rglob("*.py")]
+    sources = [p for d in ("gptline", "pipeline", "stages", "bench") for p in (ROOT / d).rglob("*.py")]
     for path in sources:
         text = path.read_text()
         assert "pickle.load" not in text and "allow_pickle=True" not in text, path
@@ -64,7 +64,7 @@ def test_secrets_in_the_environment_never_reach_the_store(tmp_path):
     store = tmp_path / "store"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray, with the secrets
     env.update(SECRETS, PYTHONPATH=str(ROOT), WANDB_MODE="offline")
-    command = [sys.executable, "-m", "pipeline", "run", "--registry", REGISTRY, "--config-dir", CONFIG_DIR,
+    command = [sys.executable, "-m", "gptline", "run", "--registry", REGISTRY, "--config-dir", CONFIG_DIR,
                f"store.root={store}", "tracking=offline"]  # fmt: skip
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -96,7 +96,7 @@ def test_archive_members_cannot_escape_the_artifact(tmp_path, name):
 
 
 def test_refs_and_run_ids_from_the_command_line_cannot_escape_the_store(tmp_path, capsys):
-    from pipeline.cli import main
+    from gptline.cli.main import main
 
     (tmp_path / "store").mkdir()
     assert main(["show", "../../etc/passwd", "--store", str(tmp_path / "store")]) == 2

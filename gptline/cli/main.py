@@ -1,4 +1,4 @@
-"""The `gptline` command (also `python -m pipeline`).
+"""The `gptline` command (also `python -m gptline`).
 
     gptline run [OVERRIDE ...] [-m] [--dry-run] [--until STAGE ...] [--only STAGE ...]
     gptline resume RUN_ID
@@ -27,16 +27,19 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
+from gptline.cli import chat, plan
 from pipeline.artifacts import Store
 from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config, parse_overrides
-from pipeline.dag import DAG, CommandSpec, load_commands, load_registry
+from pipeline.dag import DAG, load_registry
 from pipeline.errors import GptlineError, RunStopped
 from pipeline.report import write_report
 from pipeline.runner import WORKER_ENV, Runner, RunRecord, connect_ray, list_runs, new_run_id
@@ -46,6 +49,32 @@ DEFAULT_REGISTRY = "stages:REGISTRY"
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Never uploaded with a submitted job: environments, stores, caches, VCS data.
 SUBMIT_EXCLUDES = [".venv", ".venv-trl", "store", ".git", "**/__pycache__", ".pytest_cache", ".ruff_cache", "wandb"]
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """A command that works on a model rather than on a run (`chat`, `sample`, `plan`). When it takes one, the CLI
+    resolves its ARTIFACT argument (a directory, STAGE/VERSION, or a stage name for its newest artifact) to a local
+    directory in `args.path`."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[Any], None]  # (argparse parser) -> None; ARTIFACT is added by the CLI
+    run: Callable[[Any], int]  # (argparse namespace) -> exit code
+    takes_artifact: bool = True
+
+
+MODEL_COMMANDS = [
+    CommandSpec("chat", "talk to a chat model (sft or ppo) in the terminal", chat.add_chat_arguments, chat.run_chat),
+    CommandSpec("sample", "continue a prompt with a base model (pretrain)", chat.add_sample_arguments, chat.run_sample),
+    CommandSpec(
+        "plan",
+        "parameters, FLOPs, memory per GPU and days of a pretraining run",
+        plan.add_arguments,
+        plan.run,
+        takes_artifact=False,
+    ),
+]
 
 
 def _default_store() -> str:
@@ -218,7 +247,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except ValueError:
         raise GptlineError(f"--config-dir {args.config_dir}: must be inside the working directory "
                            f"{Path.cwd()}, which is what the job uploads") from None  # fmt: skip
-    command = ["python", "-m", "pipeline", "run", "--registry", args.registry, "--config-dir", str(config_dir),
+    command = ["python", "-m", "gptline", "run", "--registry", args.registry, "--config-dir", str(config_dir),
                *selection, "cluster=remote", "cluster.address=auto", *args.overrides]  # fmt: skip
     runtime_env = dict(config["cluster"]["runtime_env"] or {})
     runtime_env.setdefault("working_dir", ".")
@@ -493,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true")
     gc.set_defaults(func=cmd_gc)
 
-    for command in load_commands(os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY)):
+    for command in MODEL_COMMANDS:
         extra = sub.add_parser(command.name, parents=[common, store_opt], help=command.help)
         if command.takes_artifact:
             extra.add_argument("artifact", help="an exported model directory, STAGE/VERSION, or a stage (its newest)")
@@ -503,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_command(command: CommandSpec, args: argparse.Namespace) -> int:
-    """Resolve ARTIFACT to a local directory (`args.path`), then hand over to the registry's command."""
+    """Resolve ARTIFACT to a local directory (`args.path`), then run the command."""
     if not command.takes_artifact:
         return command.run(args)
     if Path(args.artifact, "config.json").exists():

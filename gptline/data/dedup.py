@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import numpy as np
 import xxhash
 
-from stages.data.filters import ngram_hashes
+from gptline.data.filters import ngram_hashes
 
 MERSENNE_61 = np.uint64((1 << 61) - 1)
 MAX_HASH_32 = np.uint64(0xFFFFFFFF)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.model.gpt import GPT, Decoder, ModelConfig, ScalarModel
+from gptline.model.gpt import GPT, Decoder, ModelConfig, ScalarModel
 
 TOKENIZER_FILES = (
     "tokenizer.json",

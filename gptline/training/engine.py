@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptline.model.gpt import GPT
 from pipeline.artifacts import NodeMirror
-from stages.model.gpt import GPT
 
 
 @dataclass

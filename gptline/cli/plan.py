@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import yaml
 
+from gptline.model.gpt import GPT, ModelConfig
+from gptline.training.engine import flops_per_token
+from pipeline.config import DEFAULT_CONFIG_DIR
 from pipeline.errors import ConfigError
-from stages.model.gpt import GPT, ModelConfig
-from stages.training.engine import flops_per_token
 
-MODEL_PRESETS = Path(__file__).resolve().parent.parent / "conf" / "pretrain" / "model"
+MODEL_PRESETS = DEFAULT_CONFIG_DIR / "pretrain" / "model"
 # Dense bf16/fp16 tensor-core peak (no sparsity), memory in GB.
 GPUS: dict[str, tuple[float, float]] = {
     "v100": (125e12, 32),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.model.gpt import GPT, KVCache
+from gptline.model.gpt import GPT, KVCache
 
 
 @dataclass

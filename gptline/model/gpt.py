@@ -292,3 +292,14 @@ class ScalarModel(Decoder):
     ) -> torch.Tensor:
         """(B, T) scalars."""
         return self.score(self.hidden(tokens, attention_mask, None, positions)).squeeze(-1).float()
+
+
+def rewards_at(model: ScalarModel, tokens: torch.Tensor, mask: torch.Tensor, reward_id: int) -> torch.Tensor:
+    """Each row's scalar at its last reward token (rows are left- or right-padded; `mask` marks real tokens)."""
+    values = model(tokens, attention_mask=mask)
+    is_reward = (tokens == reward_id) & mask.bool()
+    if not bool(is_reward.any(-1).all()):
+        raise ValueError("every row must hold the reward token")
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    index = torch.where(is_reward, positions, -1).amax(-1)
+    return values.gather(1, index[:, None]).squeeze(1)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.data.readers import expand_paths, filesystem
+from gptline.data.readers import expand_paths, filesystem
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]

@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-from stages.data.chat import ChatTemplate, Message
-from stages.model.export import load
-from stages.model.generate import SamplingConfig, generate
+from gptline.data.chat import ChatTemplate, Message
+from gptline.model.export import load
+from gptline.model.generate import SamplingConfig, generate
 
 
 def add_sampling_arguments(parser) -> None:

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from gptline.data.formats import TOKENS_SUFFIX
+from gptline.model.gpt import IGNORE_INDEX
 from pipeline.errors import GptlineError
-from stages.model.gpt import IGNORE_INDEX
-from stages.tokenize import TOKENS_SUFFIX
 
 
 class TokenStream:
@@ -187,16 +186,30 @@ class ExampleLoader(EpochLoader):
         return self._collate([self.items[i] if i >= 0 else None for i in indices])
 
 
-def save_ragged(path: Path, columns: dict[str, list[np.ndarray]]) -> None:
-    """Columns of variable-length arrays as concatenated values + offsets in one .npz (read without pickle)."""
-    arrays = {}
-    for name, values in columns.items():
-        arrays[f"{name}.values"] = np.concatenate(values) if values else np.empty(0)
-        arrays[f"{name}.offsets"] = np.cumsum([0] + [len(v) for v in values])
-    np.savez(path, **arrays)
+def training_row(ids: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets of one example: a target is the next token where the template trains it, else ignored."""
+    return ids[:-1], np.where(trained[1:], ids[1:], IGNORE_INDEX)
 
 
-def load_ragged(path: Path, *names: str) -> dict[str, list[np.ndarray]]:
-    with np.load(path, allow_pickle=False) as data:
-        loaded = {name: (data[f"{name}.values"], data[f"{name}.offsets"]) for name in names}
-    return {name: [values[a:b] for a, b in pairwise(offsets)] for name, (values, offsets) in loaded.items()}
+def collate_examples(
+    examples: list[tuple[np.ndarray, np.ndarray] | None], pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded (inputs, targets); an empty slot (the end of an epoch) is one padding row."""
+    rows = [training_row(*e) if e is not None else (np.array([pad_id]), np.array([IGNORE_INDEX])) for e in examples]
+    width = max(len(inputs) for inputs, _ in rows)
+    inputs = np.full((len(rows), width), pad_id, dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    for i, (x, y) in enumerate(rows):
+        inputs[i, : len(x)], targets[i, : len(y)] = x, y
+    return inputs, targets
+
+
+def pad_rows(rows: list[np.ndarray], pad_id: int, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) with every row padded to the longest, on the right or the left."""
+    width = max(len(r) for r in rows)
+    tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        tokens[i, span], mask[i, span] = row, 1
+    return tokens, mask

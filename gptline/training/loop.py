@@ -28,13 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.artifacts import NodeMirror
-from pipeline.checks import at_least
-from pipeline.dag import STOP_REQUEST, StageContext, stop_requested
-from pipeline.errors import GptlineError, StageStopped
-from pipeline.faults import fault_armed, fault_point
-from pipeline.progress import Progress
-from stages.training.engine import (
+from gptline.training.engine import (
     Checkpoints,
     DeepSpeedConfig,
     GuardConfig,
@@ -45,6 +39,12 @@ from stages.training.engine import (
     set_lr,
     set_rng_state,
 )
+from pipeline.artifacts import NodeMirror
+from pipeline.checks import at_least
+from pipeline.dag import STOP_REQUEST, StageContext, stop_requested
+from pipeline.errors import GptlineError, StageStopped
+from pipeline.faults import fault_armed, fault_point
+from pipeline.progress import Progress
 
 LOG = "train_log.jsonl"
 FINAL = "final.json"

@@ -1,0 +1,5 @@
+import sys
+
+from gptline.cli.main import main
+
+sys.exit(main())
