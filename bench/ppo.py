@@ -35,7 +35,8 @@ import torch
 from gptline.model.export import export, load
 from gptline.model.generate import SamplingConfig, generate
 from gptline.model.gpt import GPT, ModelConfig, ScalarModel
-from gptline.training.engine import DeepSpeedConfig, init_deepspeed
+from gptline.training.config import DeepSpeedConfig
+from gptline.training.engine import init_deepspeed
 from stages import ppo
 from tests.test_tokenizer import shakespeare_docs, train_tokenizer
 

@@ -2,7 +2,8 @@
 
 Layout under the store root (a local directory, or any `pyarrow.fs` URI such as s3://, gs://, hdfs://):
 
-    <root>/<stage>/<version>.partial/   work in progress; a training stage keeps its checkpoints here
+    <root>/<stage>/<version>.partial/   work in progress; `transient/` inside it holds what the stage needs only
+                                        until the commit (a training stage's checkpoints)
     <root>/<stage>/<version>/           a committed artifact: outputs plus manifest.json, written last
     <root>/<stage>/<version>.lock       lease held by the one process building that version
     <root>/runs/<run_id>/               run records (see pipeline.runner)
@@ -13,7 +14,9 @@ versions) and nothing else, so resources, cluster addresses and other stages' se
 Commit is atomic. On a local (or NFS) filesystem the manifest is written into the partial directory and the
 directory renamed into place. Object stores have no directory rename, so there the files are copied to the final
 prefix and the manifest is written last: on every filesystem "committed" means "has a manifest", and a reader
-never sees a directory without one as an artifact.
+never sees a directory without one as an artifact. The partial directory's `transient/` is never part of the
+artifact: it is deleted only once the artifact is in place (so a crash before then still resumes from it), and a
+leftover one found beside a committed artifact (a crash between the two) is deleted when the artifact is next used.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pipeline.errors import CorruptArtifactError, StoreError
 
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
+TRANSIENT = "transient"  # in a work directory: kept until the commit, never part of the artifact
 LOCK = ".lock"
 RUNS_DIR = "runs"
 VERSION_CHARS = 12
@@ -132,13 +136,15 @@ class Artifact:
         return self.manifest.get("inputs", {})
 
 
+def artifact_files(local_dir: Path) -> list[str]:
+    """The files of a work directory that make up its artifact (relative paths): all but the transient ones."""
+    files = (p.relative_to(local_dir).as_posix() for p in sorted(local_dir.rglob("*")) if p.is_file())
+    return [rel for rel in files if rel != MANIFEST and rel.split("/")[0] != TRANSIENT]
+
+
 def _file_listing(local_dir: Path) -> dict[str, dict[str, Any]]:
-    files = {}
-    for path in sorted(local_dir.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            rel = path.relative_to(local_dir).as_posix()
-            files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    return files
+    return {rel: {"size": (local_dir / rel).stat().st_size, "sha256": sha256_file(local_dir / rel)}
+            for rel in artifact_files(local_dir)}  # fmt: skip
 
 
 class Store:
@@ -328,13 +334,23 @@ class Store:
         return workdir, resumed
 
     def save_partial(self, stage: str, version: str, workdir: Path) -> None:
-        """Object stores: upload a stage's partial work so another node can resume it. Local: nothing to do."""
+        """Object stores: upload a stage's partial work so another node can resume it. Local: nothing to do. The
+        transient files are not uploaded here: the workers that write them keep the store's copy current."""
         if not self.is_local:
             self._upload(workdir, self.partial_path(stage, version))
 
     def _upload(self, local_dir: Path, path: str) -> None:
+        """The work directory's artifact files (not its transient ones) to `path`."""
         self.fs.create_dir(path, recursive=True)
-        pafs.copy_files(str(local_dir), path, destination_filesystem=self.fs)
+        for rel in artifact_files(local_dir):
+            self.fs.create_dir(f"{path}/{rel}".rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(local_dir / rel), f"{path}/{rel}", destination_filesystem=self.fs)
+
+    def drop_transient(self, stage: str, version: str) -> None:
+        """Delete a committed artifact's leftover transient directory (a crash between commit and cleanup)."""
+        leftover = f"{self.artifact_path(stage, version)}/{TRANSIENT}"
+        if self.exists(leftover):
+            self.delete(leftover)
 
     def localize(self, artifact: Artifact, scratch: Path) -> Path:
         """A local directory holding the artifact's files (the artifact itself on a local store)."""
@@ -378,8 +394,11 @@ class Store:
             self._upload(workdir, final)
             fault_point(f"commit.{stage}.before_rename")
             self.write_json(f"{final}/{MANIFEST}", manifest)
-            if self.has_partial(stage, version):
-                self.fs.delete_dir(self.partial_path(stage, version))
+        fault_point(f"commit.{stage}.before_cleanup")
+        if self.is_local:
+            shutil.rmtree(Path(final) / TRANSIENT, ignore_errors=True)
+        elif self.has_partial(stage, version):
+            self.fs.delete_dir(self.partial_path(stage, version))
         return Artifact(stage, version, final, manifest)
 
     def retire(self, stage: str, version: str) -> None:

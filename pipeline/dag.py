@@ -22,12 +22,13 @@ import contextlib
 import importlib
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import NAME_RE, RUNS_DIR, NodeMirror, artifact_version
+from pipeline.artifacts import NAME_RE, RUNS_DIR, TRANSIENT, NodeMirror, artifact_version
 from pipeline.checks import at_least
 from pipeline.errors import DagError
 from pipeline.progress import Progress
@@ -47,11 +48,13 @@ class StageResources:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    # Compute threads per worker. 0: the cores of the worker's node shared evenly by the workers there, so a group
+    # that does not fill the machine (one worker on a laptop) still uses every core.
+    threads_per_worker: int = 0
 
     def validate(self) -> list[tuple[str, str]]:
-        return at_least(self, 0, "num_cpus", "num_gpus", "cpus_per_worker", "gpus_per_worker") + at_least(
-            self, 1, "num_workers"
-        )
+        keys = ("num_cpus", "num_gpus", "cpus_per_worker", "gpus_per_worker", "threads_per_worker")
+        return at_least(self, 0, *keys) + at_least(self, 1, "num_workers")
 
 
 STOP_REQUEST = "STOP_REQUEST"  # a file in a stage's work directory: checkpoint and stop
@@ -59,6 +62,33 @@ STOP_REQUEST = "STOP_REQUEST"  # a file in a stage's work directory: checkpoint 
 
 def stop_requested(out_dir: Path) -> bool:
     return (Path(out_dir) / STOP_REQUEST).exists()
+
+
+@dataclass(frozen=True)
+class StopSignal:
+    """Whether a stage has been asked to stop, as its workers on any node can tell: the marker in their node's work
+    directory, or, for nodes that do not share it (an enabled `mirror`), the store's copy, where the stage's task
+    publishes it. It pickles (it travels to the workers). `poller(rank)` gives a check to call every step: the
+    local marker each call; the store at most every `every_s` and from rank 0 only (one request, not one per rank
+    and step); the caller then shares the answer with the other ranks."""
+
+    out_dir: str
+    mirror: NodeMirror = field(default_factory=NodeMirror)
+    every_s: float = 5.0
+
+    def poller(self, rank: int) -> Callable[[], bool]:
+        remote = self.mirror if rank == 0 and self.mirror.enabled else None
+        last = [0.0]
+
+        def requested() -> bool:
+            if stop_requested(Path(self.out_dir)):
+                return True
+            if remote is None or time.monotonic() - last[0] < self.every_s:
+                return False
+            last[0] = time.monotonic()
+            return remote.exists(STOP_REQUEST)
+
+        return requested
 
 
 @contextlib.contextmanager
@@ -109,6 +139,10 @@ class StageContext:
     CPUs with at most `resources.num_workers` in flight; standalone it is a plain loop. The stage never sees Ray.
     `mirror` is how workers a stage starts on other nodes reach its work directory and inputs (disabled when the
     store is a shared filesystem, and standalone).
+    `run_workers(fn, arg, out_dir)` is how a training stage starts its group: `fn(arg)` on `resources.num_workers`
+    Ray Train workers with a torch process group among them (see `pipeline/workers.py`).
+    Files a stage needs only until its artifact commits (checkpoints) go under `transient(out_dir)`: the commit
+    leaves them out of the artifact and deletes them once the artifact is in place.
     """
 
     stage: str
@@ -122,6 +156,18 @@ class StageContext:
     save_partial: Callable[[], None] = lambda: None
     map: Callable[..., list[Any]] = serial_map
     mirror: NodeMirror = field(default_factory=NodeMirror)  # the work directory and inputs from other nodes
+
+    def run_workers(self, fn: Callable[[Any], None], arg: Any, out_dir: Path) -> None:
+        from pipeline.workers import run_worker_group
+
+        run_worker_group(fn, arg, out_dir, self)
+
+    def stop_signal(self, out_dir: Path) -> StopSignal:
+        return StopSignal(str(out_dir), self.mirror)
+
+    @staticmethod
+    def transient(out_dir: Path) -> Path:
+        return Path(out_dir) / TRANSIENT
 
 
 StageFn = Callable[[Any, dict[str, Path], Path, StageContext], Mapping[str, Any] | None]

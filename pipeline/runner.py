@@ -486,6 +486,7 @@ class Runner:
             spec = self.dag.specs[plan.stage]
             previous = self.record.node(plan.stage)
             if plan.action == "reuse":
+                self.store.drop_transient(plan.stage, plan.version)
                 keep_done = previous.get("state") == "done" and previous.get("version") == plan.version
                 state = "done" if keep_done else "reused"
                 self.record.set_node(plan.stage, state=state, version=plan.version, error="")

@@ -31,7 +31,7 @@ import importlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,31 +42,17 @@ from gptline.data.chat import ChatTemplate, Skipped, read_prompts
 from gptline.data.formats import REWARD_STATS
 from gptline.model.export import export, load
 from gptline.model.generate import SamplingConfig, generate, temperature_scaled
-from gptline.model.gpt import GPT, ScalarModel, rewards_at
-from gptline.training.engine import Checkpoints, DeepSpeedConfig, OptimConfig, init_deepspeed, set_rng_state
-from gptline.training.loaders import ExampleLoader, PackedLoader, TokenStream, pad_rows
-from gptline.training.loop import (
-    CHECKPOINTS,
-    FINAL,
-    LOG,
-    StopPoll,
-    barrier,
-    consolidated_state,
-    gather_rng,
-    launch,
-    log_sections,
-    mirror_log,
-    stop_requested_on_any_rank,
-    stopped,
-    sum_over_ranks,
-    worker_context,
-)
+from gptline.model.gpt import GPT, ScalarModel, rewards_at_last
+from gptline.training.collectives import sum_over_ranks
+from gptline.training.config import DeepSpeedConfig, OptimConfig
+from gptline.training.driver import train
+from gptline.training.fit import Schedule
+from gptline.training.loaders import ExampleLoader, PackedLoader, TokenStream, collate_packed_sequences
+from gptline.training.log import log_sections
+from gptline.training.worker import TrainedModel
 from pipeline.checks import at_least
-from pipeline.config import typed
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
-from pipeline.faults import fault_point
-from pipeline.progress import Progress
 
 VERSION = 1
 KL_ESTIMATORS = ("k1", "k3")
@@ -116,8 +102,12 @@ class PPOConfig:
     reward: str = "model"  # or "package.module:function", a programmatic reward over answer texts
     ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss mixed into every policy update
     ptx_batch: int = 4  # pretraining rows per worker per update
-    policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.0))
-    value_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=0, weight_decay=0.0))
+    policy_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant", warmup_steps=0, weight_decay=0.0)
+    )
+    value_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=5e-5, schedule="constant", warmup_steps=0, weight_decay=0.0)
+    )
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     placement: str = "colocated"  # where the reference and reward models run: colocated | separate
     frozen_resources: FrozenResources = field(default_factory=FrozenResources)
@@ -263,9 +253,8 @@ class FrozenModels:
             return torch.tensor(self.function(texts), dtype=torch.float32)
         end, reward = self.template.end_of_turn, self.template.ids["reward"]
         rows = [np.array([*p, *[t for t in a if t != end], end, reward]) for p, a in zip(prompts, answers, strict=True)]
-        tokens, mask = pad_rows(rows, self.template.ids["pad"])
-        tokens, mask = torch.from_numpy(tokens).to(self.device), torch.from_numpy(mask).to(self.device)
-        raw = rewards_at(self.reward_model, tokens, mask, reward).cpu()
+        packed = collate_packed_sequences(rows, self.template.ids["pad"], self.reward_model.cfg.max_seq_len)
+        raw = rewards_at_last(self.reward_model, *(torch.from_numpy(a).to(self.device) for a in packed)).cpu()
         return (raw - self.mean) / self.std
 
 
@@ -311,12 +300,16 @@ def run(cfg: PPOConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContex
             f"ppo.sampling.max_new_tokens={cfg.sampling.max_new_tokens} in the context of {context}; "
             f"ppo.rollout_batch={cfg.rollout_batch} needs at least that many"
         )
-    loop_config = {"config": asdict(cfg), "sft": str(inputs["sft"]), "rm": str(inputs["rm"]), "prompts": fitting,
-                   "tokens": str(inputs["tokenize"]) if "tokenize" in inputs else None}  # fmt: skip
+    if cfg.ptx_coef > 0 and "tokenize" not in inputs:
+        raise GptlineError("ppo.ptx_coef > 0 needs the tokenize artifact as an input")
+    tokens = str(inputs["tokenize"]) if "tokenize" in inputs else None
+    recipe = PPORecipe(cfg, str(inputs["sft"]), str(inputs["rm"]), tokens, tuple(fitting), world)
     if not ctx.quiet:
         print(f"[ppo] {len(fitting)} prompts ({len(prompts) - len(fitting)} too long, {sum(skipped.counts.values())} "
               f"bad), {cfg.iterations} iterations of {cfg.rollout_batch}", flush=True)  # fmt: skip
-    final = launch("ppo", train_loop, loop_config, ctx, out_dir)
+    # Every iteration's answers are its samples; nothing is held out to evaluate.
+    schedule = Schedule(cfg.iterations, 0, 1, cfg.checkpoint_every, cfg.keep_checkpoints)
+    final = train("ppo", recipe, schedule, cfg.deepspeed, cfg.seed, ctx, out_dir)
     return {**final, "prompts": len(fitting)}
 
 
@@ -452,89 +445,89 @@ def iteration_metrics(exp: Experience, stats: torch.Tensor, beta: float, world: 
     return record
 
 
-def train_loop(loop: dict[str, Any]) -> None:
-    rank, world = worker_context()
-    torch.set_num_threads(loop["threads"])
-    cfg: PPOConfig = typed(PPOConfig, loop["config"])
-    out_dir, sft, rm = Path(loop["out_dir"]), loop["sft"], loop["rm"]
-    template = ChatTemplate(Path(sft))
-    pad = template.ids["pad"]
-    torch.manual_seed(cfg.seed)
-    policy_model = load(Path(sft))
-    value_model = ScalarModel.from_language_model(policy_model) if cfg.reward != "model" else load(Path(rm))
-    rollout_per_rank, minibatch_per_rank = cfg.rollout_batch // world, cfg.minibatch // world
-    policy, _ = init_deepspeed(policy_model, cfg.policy_optim, cfg.deepspeed, minibatch_per_rank, 1)
-    value, _ = init_deepspeed(value_model, cfg.value_optim, cfg.deepspeed, minibatch_per_rank, 1)
-    frozen_args = (sft, rm, cfg.reward, cfg.normalize_reward)
-    frozen = (FrozenModels(*frozen_args) if cfg.placement == "colocated"
-              else RemoteFrozenModels(cfg.frozen_resources, *frozen_args))  # fmt: skip
-    prompts = ExampleLoader([template.prompt(p) for p in loop["prompts"]], list, rollout_per_rank, rank, world,
-                            cfg.seed, what="prompts", drop_last=True)  # fmt: skip
-    ptx = None
-    if cfg.ptx_coef > 0:
-        if loop["tokens"] is None:
-            raise GptlineError("ppo.ptx_coef > 0 needs the tokenize artifact as an input")
-        seq_len = policy_model.cfg.max_seq_len
-        ptx = PackedLoader(TokenStream(Path(loop["tokens"]) / "train"), cfg.ptx_batch, seq_len, rank, world, cfg.seed,
-                           pad)  # fmt: skip
-    kl_control = KLController(cfg.kl)
-    policy_checkpoints = Checkpoints(out_dir / CHECKPOINTS / "policy", cfg.keep_checkpoints, loop["mirror"])
-    value_checkpoints = Checkpoints(out_dir / CHECKPOINTS / "value", cfg.keep_checkpoints, loop["mirror"])
-    stop_poll = StopPoll(out_dir, loop["mirror"], rank)
-    iteration = 0
-    state = policy_checkpoints.load(policy)
-    if state is not None:
-        value_checkpoints.load(value)
-        iteration, kl_control.beta = state["iteration"], state["beta"]
-        prompts.load_state_dict(state["prompts"])
-        if ptx is not None:
-            ptx.load_state_dict(state["ptx"])
-        set_rng_state(state["rng"][rank])
-    log = open(out_dir / LOG, "a") if rank == 0 else None  # noqa: SIM115 (closed at the end)
-    if log is not None and state is None:
-        log.truncate(0)
-    record: dict[str, Any] = {}
-    bar = (loop["progress"] if rank == 0 else Progress("quiet"))(cfg.iterations, "[ppo] iterations", every_s=0)
-    bar.update(iteration)
-    while iteration < cfg.iterations:
-        iteration += 1
-        batch_prompts = [p for p in next(prompts) if p is not None]
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration * 1009 + rank)
-        exp = rollout(policy.module, value.module, frozen, batch_prompts, cfg, kl_control.beta, generator)
+@dataclass(frozen=True)
+class PPORecipe:
+    cfg: PPOConfig
+    sft: str
+    rm: str
+    tokens: str | None  # the token shards, for the pretraining mix
+    prompts: tuple  # the conversations to answer, each leaving room for an answer
+    world: int
+
+    def models(self) -> dict[str, TrainedModel]:
+        cfg, minibatch = self.cfg, self.cfg.minibatch // self.world
+        policy = load(Path(self.sft))
+        # A programmatic reward has no reward model to start the value model from: the policy's trunk does.
+        value = ScalarModel.from_language_model(policy) if cfg.reward != "model" else load(Path(self.rm))
+        return {"policy": TrainedModel(policy, cfg.policy_optim, minibatch),
+                "value": TrainedModel(value, cfg.value_optim, minibatch, exported=False)}  # fmt: skip
+
+    def task(self, engines: dict[str, Any], rank: int, world: int) -> PPOTask:
+        return PPOTask(self, engines["policy"], engines["value"], rank, world)
+
+    def export(self, weights: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> None:
+        final = GPT(load(Path(self.sft)).cfg)
+        final.load_state_dict(weights["policy"])
+        export(final, out_dir, Path(self.sft), ChatTemplate(Path(self.sft)).ids)
+
+
+class PPOTask:
+    """One step is one PPO iteration: a rollout on this rank's share of the prompts, then the updates."""
+
+    headline = ("reward_mean", "kl", "entropy", "answer_length", "beta")
+    flops_per_token = 0.0
+
+    def __init__(self, recipe: PPORecipe, policy, value, rank: int, world: int):
+        cfg = self.cfg = recipe.cfg
+        self.policy, self.value, self.rank, self.world = policy, value, rank, world
+        self.template = ChatTemplate(Path(recipe.sft))
+        frozen_args = (recipe.sft, recipe.rm, cfg.reward, cfg.normalize_reward)
+        self.frozen = (FrozenModels(*frozen_args) if cfg.placement == "colocated"
+                       else RemoteFrozenModels(cfg.frozen_resources, *frozen_args))  # fmt: skip
+        self.prompts = ExampleLoader([self.template.prompt(p) for p in recipe.prompts], list,
+                                     cfg.rollout_batch // world, rank, world, cfg.seed, what="prompts",
+                                     drop_last=True)  # fmt: skip
+        self.ptx = None
+        if cfg.ptx_coef > 0:
+            seq_len = policy.module.cfg.max_seq_len
+            self.ptx = PackedLoader(TokenStream(Path(recipe.tokens) / "train"), cfg.ptx_batch, seq_len, rank, world,
+                                    cfg.seed, self.template.ids["pad"])  # fmt: skip
+        self.kl_control = KLController(cfg.kl)
+        self.shown: list[str] = []
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, iteration = self.cfg, step + 1
+        batch_prompts = [p for p in next(self.prompts) if p is not None]
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration * 1009 + self.rank)
+        beta = self.kl_control.beta
+        exp = rollout(self.policy.module, self.value.module, self.frozen, batch_prompts, cfg, beta, generator)
         shuffle = torch.Generator().manual_seed(cfg.seed * 7919 + iteration)
-        stats = update(policy, value, exp, cfg, minibatch_per_rank, shuffle, ptx)
-        record = {"step": iteration, **iteration_metrics(exp, stats, kl_control.beta, world)}
-        kl_control.update(record["kl"], int(cfg.rollout_batch))
-        if rank == 0:
-            shown = [f"{float(s):+.3f} {template.decode(p[-40:])!r} -> {t!r}" for p, t, s in
-                     list(zip(batch_prompts, exp.texts, exp.raw_scores, strict=True))[: cfg.num_samples]]  # fmt: skip
-            log.write(json.dumps({**record, "samples": shown}) + "\n")
-            log.flush()
-        bar.update(1, **{k: record[k] for k in ("reward_mean", "kl", "entropy", "answer_length", "beta")})
-        stop = stop_requested_on_any_rank(stop_poll)
-        if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations or stop:
-            client = {"iteration": iteration, "beta": kl_control.beta, "prompts": prompts.state_dict(),
-                      "ptx": ptx.state_dict() if ptx is not None else None, "rng": gather_rng(world)}  # fmt: skip
-            policy_checkpoints.save(policy, iteration, client)
-            value_checkpoints.save(value, iteration, {})
-            mirror_log(loop["mirror"], rank)
-            fault_point(f"ppo.after_checkpoint_{iteration}")
-        if stop and iteration < cfg.iterations:
-            bar.close()
-            stopped(out_dir, iteration, rank, log)
-            return
-    bar.close()
-    state_dict = consolidated_state(policy, cfg.deepspeed, policy_checkpoints, rank)
-    if rank == 0:
-        final_model = GPT(policy_model.cfg)
-        final_model.load_state_dict(state_dict)
-        export(final_model, out_dir, Path(sft), template.ids)
-        log.close()
-        first = json.loads((out_dir / LOG).read_text().splitlines()[0])
-        final = {k: v for k, v in record.items() if k != "step"}
-        final.update(iterations=iteration, entropy_first=first["entropy"], reward_first=first["reward_mean"])
-        (out_dir / FINAL).write_text(json.dumps(final) + "\n")
-    barrier()
+        stats = update(self.policy, self.value, exp, cfg, cfg.minibatch // self.world, shuffle, self.ptx)
+        figures = iteration_metrics(exp, stats, beta, self.world)
+        self.kl_control.update(figures["kl"], int(cfg.rollout_batch))
+        if self.rank == 0:
+            answered = list(zip(batch_prompts, exp.texts, exp.raw_scores, strict=True))[: cfg.num_samples]
+            self.shown = [f"{float(s):+.3f} {self.template.decode(p[-40:])!r} -> {t!r}" for p, t, s in answered]
+        return {**figures, "tokens": int(exp.answer_mask.sum())}
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def samples(self) -> list[str]:
+        return self.shown
+
+    def summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"entropy_first": records[0]["entropy"], "reward_first": records[0]["reward_mean"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"beta": self.kl_control.beta, "prompts": self.prompts.state_dict(),
+                "ptx": self.ptx.state_dict() if self.ptx is not None else None}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl_control.beta = state["beta"]
+        self.prompts.load_state_dict(state["prompts"])
+        if self.ptx is not None:
+            self.ptx.load_state_dict(state["ptx"])
 
 
 def report(directory: Path) -> list[dict[str, Any]]:

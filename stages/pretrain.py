@@ -1,17 +1,16 @@
-"""pretrain: the LLaMA-style model trained on the token shards with DeepSpeed ZeRO, on a Ray Train worker group.
+"""pretrain: the LLaMA-style model trained on the token shards with DeepSpeed ZeRO, on the stage's worker group.
 
 The stage function checks its inputs (token ids inside the tokenizer's vocabulary, the context within the model's,
-enough rows for the global batch) and then launches `num_workers` workers (`gptline/training/loop.py`: gloo on CPU,
-nccl on GPU); every worker runs `train_loop`: the same seeded initialisation, a DeepSpeed engine (ZeRO stage,
-offload and precision from config), and the packed loader's slice for its rank. The global batch is config
-(identity); the micro batch per worker follows from the world size and the accumulation steps, so a run on 1
-worker and on 8 sees the same rows at every optimizer step.
+enough rows for the global batch) before any worker starts. The global batch is config (identity); the micro batch
+per worker follows from the world size and the accumulation steps, so a run on 1 worker and on 8 sees the same rows
+at every optimizer step.
 
-The shared loop does the rest: checkpoints with exact resume, the loss guard, the log. What is pretraining's own is
-here: next-token loss on packed rows, validation loss on the held-out shards, samples from `sample_prompts`, and
-MFU (6N plus the attention term, against the configured peak or, on CPU, the measured fp32 matmul peak). At the end
-rank 0 writes consolidated fp32 weights (`model.safetensors`, also under ZeRO-3) with a Hugging Face export beside
-them.
+What is pretraining's own is here (`PretrainRecipe`): the model (the same seeded initialisation on every rank,
+optionally with activation checkpointing or compiled blocks), next-token loss on packed rows from the token shards,
+validation loss on the held-out shards, samples from `sample_prompts`, MFU (6N plus the attention term, against the
+configured peak or, on CPU, the measured fp32 matmul peak), and the export: consolidated fp32 weights
+(`model.safetensors`) with a Hugging Face config and tokenizer beside them. The training library does the rest
+(`gptline/training`: the worker, checkpoints with exact resume, the loss guard, the log).
 """
 
 from __future__ import annotations
@@ -25,22 +24,16 @@ import torch
 
 from gptline.model.export import export
 from gptline.model.generate import SamplingConfig, generate
-from gptline.model.gpt import GPT, IGNORE_INDEX, ModelConfig
-from gptline.training.engine import Checkpoints, compile_blocks, flops_per_token, init_deepspeed, measured_peak_flops
+from gptline.model.gpt import GPT, ModelConfig
+from gptline.training.config import TrainConfig, micro_batch
+from gptline.training.driver import train
+from gptline.training.engine import checkpoint_blocks, compile_blocks, flops_per_token, measured_peak_flops
+from gptline.training.fit import Schedule
 from gptline.training.loaders import PackedLoader, TokenStream
-from gptline.training.loop import (
-    CHECKPOINTS,
-    TrainConfig,
-    barrier,
-    consolidated_state,
-    fit,
-    launch,
-    log_sections,
-    micro_batch,
-    worker_context,
-)
+from gptline.training.log import log_sections
+from gptline.training.supervised import NextTokenTask, generating
+from gptline.training.worker import TrainedModel, worker_threads
 from pipeline.checks import at_least
-from pipeline.config import typed
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
@@ -84,103 +77,71 @@ def _check_inputs(cfg: PretrainConfig, tokens: Path, tokenizer: Path, world: int
 
 
 def run(cfg: PretrainConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext) -> dict[str, Any]:
-    meta, seq_len, micro = _check_inputs(cfg, inputs["tokenize"], inputs["tokenizer"], ctx.resources.num_workers)
-    loop_config = {
-        "config": asdict(cfg),
-        "vocab_size": meta["vocab_size"],
-        "special_ids": meta["special_ids"],
-        "tokens": str(inputs["tokenize"]),
-        "tokenizer": str(inputs["tokenizer"]),
-        "seq_len": seq_len,
-        "micro_batch": micro,
-        # per worker, measured here while the cores are idle (inside a busy worker it would read low)
-        "peak_flops": cfg.peak_flops or measured_peak_flops(max(1, int(ctx.resources.cpus_per_worker))),
-    }
-    return launch("pretrain", train_loop, loop_config, ctx, out_dir)
+    workers = ctx.resources.num_workers
+    meta, seq_len, micro = _check_inputs(cfg, inputs["tokenize"], inputs["tokenizer"], workers)
+    recipe = PretrainRecipe(cfg, meta["vocab_size"], meta["special_ids"], str(inputs["tokenize"]),
+                            str(inputs["tokenizer"]), seq_len, micro)  # fmt: skip
+    # per worker, measured here while the cores are idle (inside a busy worker it would read low)
+    peak = cfg.peak_flops or measured_peak_flops(worker_threads(ctx.resources.threads_per_worker, workers))
+    schedule = Schedule(cfg.steps, cfg.eval_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints)
+    return train("pretrain", recipe, schedule, cfg.deepspeed, cfg.seed, ctx, out_dir, peak)
 
 
-class PretrainTask:
+@dataclass(frozen=True)
+class PretrainRecipe:
+    cfg: PretrainConfig
+    vocab_size: int
+    special_ids: dict[str, int]
+    tokens: str
+    tokenizer: str
+    seq_len: int
+    micro_batch: int
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**{**asdict(self.cfg.model), "vocab_size": self.vocab_size})
+
+    def models(self) -> dict[str, TrainedModel]:
+        model = GPT(self.model_config())
+        if self.cfg.activation_checkpointing:
+            checkpoint_blocks(model)
+        if self.cfg.compile:
+            compile_blocks(model)
+        return {"model": TrainedModel(model, self.cfg.optim, self.micro_batch, self.cfg.grad_accum)}
+
+    def task(self, engines: dict[str, Any], rank: int, world: int) -> PretrainTask:
+        return PretrainTask(self, engines["model"], rank, world)
+
+    def export(self, weights: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> None:
+        final = GPT(self.model_config())
+        final.load_state_dict(weights["model"])
+        export(final, out_dir, Path(self.tokenizer), self.special_ids)
+
+
+class PretrainTask(NextTokenTask):
     """Next-token prediction on packed rows; validation loss on the held-out shards; samples from prompts."""
 
-    def __init__(self, cfg: PretrainConfig, loop: dict[str, Any], rank: int, world: int):
+    def __init__(self, recipe: PretrainRecipe, engine, rank: int, world: int):
         import sentencepiece as spm
 
-        self.cfg, self.special = cfg, loop["special_ids"]
-        tokens, seq_len, micro = Path(loop["tokens"]), loop["seq_len"], loop["micro_batch"]
-        self.train = PackedLoader(TokenStream(tokens / "train"), micro, seq_len, rank, world, cfg.seed,
-                                  self.special["pad"])  # fmt: skip
+        cfg, pad = recipe.cfg, recipe.special_ids["pad"]
+        tokens, seq_len, micro = Path(recipe.tokens), recipe.seq_len, recipe.micro_batch
+        train_rows = PackedLoader(TokenStream(tokens / "train"), micro, seq_len, rank, world, cfg.seed, pad)
         # Built once: each evaluation rewinds it to the same first batches.
-        self.validation = PackedLoader(TokenStream(tokens / "validation"), micro, seq_len, rank, world, cfg.seed,
-                                       self.special["pad"], shuffle=False, require_full_batch=False)  # fmt: skip
-        self.sp = spm.SentencePieceProcessor(model_file=str(Path(loop["tokenizer"]) / "tokenizer.model"))
+        validation = PackedLoader(TokenStream(tokens / "validation"), micro, seq_len, rank, world, cfg.seed, pad,
+                                  shuffle=False, require_full_batch=False)  # fmt: skip
+        super().__init__("pretrain", engine, train_rows, validation, cfg.eval_batches, cfg.grad_accum, cfg.guard, rank)
+        self.cfg, self.end_of_text, self.pad = cfg, recipe.special_ids["end_of_text"], pad
+        self.flops_per_token = flops_per_token(engine.module, seq_len)
+        self.sp = spm.SentencePieceProcessor(model_file=str(Path(recipe.tokenizer) / "tokenizer.model"))
 
-    def loss(self, engine, batch) -> torch.Tensor:
-        inputs, targets = batch
-        return engine(torch.from_numpy(inputs).to(engine.device), torch.from_numpy(targets).to(engine.device))[1]
-
-    def tokens(self, batch) -> int:
-        return int((batch[1] != IGNORE_INDEX).sum())
-
-    @torch.no_grad()
-    def evaluate(self, engine) -> dict[str, float]:
-        self.validation.rewind()
-        engine.eval()
-        total = torch.zeros(2)
-        for _, batch in zip(range(self.cfg.eval_batches), self.validation.epoch_batches(), strict=False):
-            valid = float(self.tokens(batch))
-            total += torch.tensor([float(self.loss(engine, batch)) * valid, valid])
-        engine.train()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total)
-        return {"val_loss": float(total[0] / total[1].clamp(min=1))}
-
-    def samples(self, model: GPT) -> list[str]:
+    def samples(self) -> list[str]:
         prompts = [self.sp.encode(p) for p in self.cfg.sample_prompts]
         sampling = SamplingConfig(max_new_tokens=self.cfg.sample_tokens, temperature=0.8, top_k=40)
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        completions = generate(model, prompts, sampling, stop_ids=[self.special["end_of_text"]],
-                               pad_id=self.special["pad"], generator=generator)  # fmt: skip
+        with generating(self.engine.module) as model:
+            completions = generate(model, prompts, sampling, stop_ids=[self.end_of_text], pad_id=self.pad,
+                                   generator=generator)  # fmt: skip
         return [p + self.sp.decode(c) for p, c in zip(self.cfg.sample_prompts, completions, strict=True)]
-
-
-def train_loop(loop: dict[str, Any]) -> None:
-    """One Ray Train worker: the model, its DeepSpeed engine, the shared loop; rank 0 writes the weights."""
-    rank, world = worker_context()
-    torch.set_num_threads(loop["threads"])
-    cfg: PretrainConfig = typed(PretrainConfig, loop["config"])
-    model_cfg = ModelConfig(**{**asdict(cfg.model), "vocab_size": loop["vocab_size"]})
-    out_dir, seq_len = Path(loop["out_dir"]), loop["seq_len"]
-    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
-    model = GPT(model_cfg)
-    if cfg.activation_checkpointing:
-        checkpoint_blocks(model)
-    if cfg.compile:
-        compile_blocks(model)
-    engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, loop["micro_batch"], cfg.grad_accum)
-    task = PretrainTask(cfg, loop, rank, world)
-    peak, flops_token = loop["peak_flops"], flops_per_token(model, seq_len)
-
-    def mfu(seconds: float, tokens: int) -> dict[str, float]:
-        return {"mfu": tokens * flops_token / seconds / (peak * world)}
-
-    fit(
-        "pretrain", task, engine, optimizer, cfg, cfg.steps, out_dir, rank, world, loop["progress"], mfu, loop["mirror"]
-    )
-    state = consolidated_state(engine, cfg.deepspeed, Checkpoints(out_dir / CHECKPOINTS, 1, loop["mirror"]), rank)
-    if rank == 0:
-        final = GPT(model_cfg)
-        final.load_state_dict(state)
-        export(final, out_dir, Path(loop["tokenizer"]), loop["special_ids"])
-    barrier()
-
-
-def checkpoint_blocks(model: GPT) -> None:
-    """Activation checkpointing around each block (wrapped here, so the model file stays plain)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.layers:
-        forward = block.forward
-        block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
 
 
 def report(directory: Path) -> list[dict[str, Any]]:

@@ -3,8 +3,8 @@
 The stage function reads the comparison files (`data`; pairs, K-way rankings and Anthropic HH transcripts, see
 `gptline/data/chat.py`), encodes each side as prompt + response + `<|reward|>` with the chat template, skips and
 counts comparisons longer than the context, and holds out a fraction by a hash of the prompt (the pairs of one
-ranking stay on one side). The encoded pairs go to `comparisons.npz`; the shared loop trains on Ray Train workers
-with checkpoints, exact resume and the loss guard, as every training stage.
+ranking stay on one side). The encoded pairs go to `comparisons.npz`; the training library runs the recipe on the
+stage's workers with checkpoints, exact resume and the loss guard, as for every training stage.
 
 Loss: -log sigmoid(r_chosen - r_rejected), each pair weighted (1/C(K,2) for the pairs of a K-way ranking, 1 for a plain
 pair), averaged over the micro-batch's weight. Both sides of a micro-batch run as one right-padded batch; the scalar
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +30,16 @@ from gptline.data.chat import ChatTemplate, Skipped, read_comparisons
 from gptline.data.dedup import unit_hash
 from gptline.data.formats import COMPARISONS, REWARD_STATS, load_ragged, save_ragged
 from gptline.model.export import export, load
-from gptline.model.gpt import ScalarModel, rewards_at
-from gptline.training.engine import Checkpoints, init_deepspeed
-from gptline.training.loaders import ExampleLoader, pad_rows
-from gptline.training.loop import (
-    CHECKPOINTS,
-    TrainConfig,
-    barrier,
-    consolidated_state,
-    fit,
-    launch,
-    log_sections,
-    micro_batch,
-    worker_context,
-)
+from gptline.model.gpt import ScalarModel, rewards_at, rewards_at_last
+from gptline.training.collectives import all_reduce_sum
+from gptline.training.config import TrainConfig, micro_batch
+from gptline.training.driver import train
+from gptline.training.fit import Schedule
+from gptline.training.loaders import ExampleLoader, collate_packed_sequences, pad_rows
+from gptline.training.log import log_sections
+from gptline.training.supervised import SupervisedTask, to_device
+from gptline.training.worker import TrainedModel
 from pipeline.checks import at_least
-from pipeline.config import typed
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
@@ -61,6 +55,7 @@ class RMConfig(TrainConfig):
     steps: int = 0  # 0: set by epochs
     epochs: float = 1.0  # InstructGPT: one epoch; more overfits
     max_len: int = 0  # tokens per side; 0: the model's context
+    packing: bool = True  # several sequences per row (see sft.packing): the same rewards in fewer rows
 
     def validate(self) -> list[tuple[str, str]]:
         problems = super().validate() + at_least(self, 0, "max_len")
@@ -78,12 +73,18 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Te
     return (weight * losses).sum() / weight.sum().clamp(min=1e-12)
 
 
-def collate(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None], pad_id: int, reward_id: int):
-    """Chosen rows then rejected rows, right-padded; an empty slot is a zero-weight pair of reward tokens."""
+def collate(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None], pad_id: int, reward_id: int,
+            capacity: int | None):  # fmt: skip
+    """Chosen sequences then rejected ones and each pair's weight: right-padded rows (tokens, mask, weight), or
+    with a `capacity` packed rows (tokens, segments, last, weight); an empty slot is a zero-weight pair of reward
+    tokens."""
     empty = (np.array([reward_id]), np.array([reward_id]), np.array([0.0]))
     pairs = [p if p is not None else empty for p in pairs]
-    tokens, mask = pad_rows([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
-    return tokens, mask, np.array([float(p[2][0]) for p in pairs])
+    sequences = [p[0] for p in pairs] + [p[1] for p in pairs]
+    weight = np.array([float(p[2][0]) for p in pairs])
+    if capacity is None:
+        return (*pad_rows(sequences, pad_id), weight)
+    return (*collate_packed_sequences(sequences, pad_id, capacity), weight)
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
@@ -128,87 +129,90 @@ def run(cfg: RMConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext
     if not ctx.quiet:
         print(f"[rm] {counts['train_pairs']} training / {counts['validation_pairs']} held-out pairs, "
               f"{total_steps} steps; skipped {skipped}", flush=True)  # fmt: skip
-    loop_config = {"config": asdict(cfg), "sft": str(inputs["sft"]), "micro_batch": micro, "total_steps": total_steps}
-    final = launch("rm", train_loop, loop_config, ctx, out_dir)
+    recipe = RMRecipe(cfg, str(inputs["sft"]), str(out_dir / COMPARISONS), micro, cfg.max_len or context)
+    schedule = Schedule(total_steps, cfg.eval_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints)
+    final = train("rm", recipe, schedule, cfg.deepspeed, cfg.seed, ctx, out_dir)
     stats = {"mean": final["reward_mean"], "std": final["reward_std"], "pairs": counts["validation_pairs"]}
     (out_dir / REWARD_STATS).write_text(json.dumps(stats, indent=2) + "\n")
     return {**final, "train_pairs": counts["train_pairs"], "skipped_records": sum(skipped.values())}
 
 
-class RMTask:
-    def __init__(self, cfg: RMConfig, loop: dict[str, Any], template: ChatTemplate, rank: int, world: int):
-        self.template = template
-        pad, self.reward_id = template.ids["pad"], template.ids["reward"]
+@dataclass(frozen=True)
+class RMRecipe:
+    cfg: RMConfig
+    sft: str  # the SFT model's artifact: the trunk, the tokenizer and the chat template
+    comparisons: str  # the encoded pairs the stage function wrote for its workers
+    micro_batch: int
+    row_capacity: int  # tokens per packed row: the longest a side may be
+
+    def models(self) -> dict[str, TrainedModel]:
+        # The head's initial weights come from the seeded generator: the same on every rank.
+        model = ScalarModel.from_language_model(load(Path(self.sft)))
+        return {"model": TrainedModel(model, self.cfg.optim, self.micro_batch, self.cfg.grad_accum)}
+
+    def task(self, engines: dict[str, Any], rank: int, world: int) -> RMTask:
+        return RMTask(self, engines["model"], rank, world)
+
+    def export(self, weights: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> None:
+        final = ScalarModel(load(Path(self.sft)).cfg)
+        final.load_state_dict(weights["model"])
+        export(final, out_dir, Path(self.sft), ChatTemplate(Path(self.sft)).ids)
+
+
+class RMTask(SupervisedTask):
+    def __init__(self, recipe: RMRecipe, engine, rank: int, world: int):
+        cfg = recipe.cfg
+        self.template = ChatTemplate(Path(recipe.sft))
+        pad, self.reward_id = self.template.ids["pad"], self.template.ids["reward"]
         names = [f"{s}_{c}" for s in SPLITS for c in COLUMNS]
-        columns = load_ragged(Path(loop["out_dir"]) / COMPARISONS, *names)
-        train, validation = (list(zip(*(columns[f"{s}_{c}"] for c in COLUMNS), strict=True)) for s in SPLITS)
-        micro = loop["micro_batch"]
+        columns = load_ragged(Path(recipe.comparisons), *names)
+        train_set, validation_set = (list(zip(*(columns[f"{s}_{c}"] for c in COLUMNS), strict=True)) for s in SPLITS)
 
         def batch(pairs):
-            return collate(pairs, pad, self.reward_id)
+            return collate(pairs, pad, self.reward_id, recipe.row_capacity if cfg.packing else None)
 
-        self.train = ExampleLoader(train, batch, micro, rank, world, cfg.seed, what="training pairs")
-        self.validation = ExampleLoader(validation, batch, micro, rank, world, cfg.seed, shuffle=False,
+        micro = recipe.micro_batch
+        train_pairs = ExampleLoader(train_set, batch, micro, rank, world, cfg.seed, what="training pairs")
+        self.validation = ExampleLoader(validation_set, batch, micro, rank, world, cfg.seed, shuffle=False,
                                         require_full_batch=False)  # fmt: skip
+        super().__init__("rm", engine, train_pairs, cfg.grad_accum, cfg.guard, rank)
 
-    def rewards(self, engine, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens, mask, weight = (torch.from_numpy(a).to(engine.device) for a in batch)
-        rewards = rewards_at(engine, tokens, mask, self.reward_id)
+    def rewards(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        *rows, weight = to_device(batch, self.engine.device)
+        if len(rows) == 3:  # packed
+            rewards = rewards_at_last(self.engine, *rows)
+        else:
+            rewards = rewards_at(self.engine, *rows, self.reward_id)
         half = len(weight)
         return rewards[:half], rewards[half:], weight.float()
 
-    def loss(self, engine, batch) -> torch.Tensor:
-        return pairwise_loss(*self.rewards(engine, batch))
+    def loss(self, batch) -> torch.Tensor:
+        return pairwise_loss(*self.rewards(batch))
 
     def tokens(self, batch) -> int:
-        return int(batch[1].sum())
+        return int((batch[1] > 0).sum())  # the mask, or the segments (0: padding)
 
     @torch.no_grad()
-    def evaluate(self, engine) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """Over the whole held-out split: loss, accuracy, margin, and the reward distribution PPO normalizes by."""
         self.validation.rewind()
-        engine.eval()
+        self.engine.eval()
         # pairs, correct, margin sum, weighted loss sum, weight sum, reward sum, reward sum of squares
         total = torch.zeros(7, dtype=torch.float64)
         for batch in self.validation.epoch_batches():
-            chosen, rejected, weight = self.rewards(engine, batch)
+            chosen, rejected, weight = self.rewards(batch)
             real = weight > 0
             chosen, rejected, w = chosen[real].double(), rejected[real].double(), weight[real].double()
             both = torch.cat([chosen, rejected])
             total += torch.stack([real.sum().double(), (chosen > rejected).sum().double(), (chosen - rejected).sum(),
                                   (w * -F.logsigmoid(chosen - rejected)).sum(), w.sum(), both.sum(),
                                   (both**2).sum()])  # fmt: skip
-        engine.train()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total)
-        pairs, correct, margin, loss, weight, reward_sum, reward_sq = total.tolist()
+        self.engine.train()
+        pairs, correct, margin, loss, weight, reward_sum, reward_sq = all_reduce_sum(total).tolist()
         mean = reward_sum / max(1.0, 2 * pairs)
         return {"val_loss": loss / max(weight, 1e-12), "val_accuracy": correct / max(1.0, pairs),
                 "val_margin": margin / max(1.0, pairs), "reward_mean": mean,
                 "reward_std": math.sqrt(max(0.0, reward_sq / max(1.0, 2 * pairs) - mean**2))}  # fmt: skip
-
-    def samples(self, model: ScalarModel) -> list[str]:
-        return []
-
-
-def train_loop(loop: dict[str, Any]) -> None:
-    """One Ray Train worker: the SFT trunk with a fresh scalar head, the shared loop, the export."""
-    rank, world = worker_context()
-    torch.set_num_threads(loop["threads"])
-    cfg: RMConfig = typed(RMConfig, loop["config"])
-    out_dir, sft = Path(loop["out_dir"]), Path(loop["sft"])
-    torch.manual_seed(cfg.seed)  # the head's initial weights: the same on every rank
-    model = ScalarModel.from_language_model(load(sft))
-    engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, loop["micro_batch"], cfg.grad_accum)
-    template = ChatTemplate(sft)
-    fit("rm", RMTask(cfg, loop, template, rank, world), engine, optimizer, cfg, loop["total_steps"], out_dir, rank,
-        world, loop["progress"], mirror=loop["mirror"])  # fmt: skip
-    state = consolidated_state(engine, cfg.deepspeed, Checkpoints(out_dir / CHECKPOINTS, 1, loop["mirror"]), rank)
-    if rank == 0:
-        final = ScalarModel(model.cfg)
-        final.load_state_dict(state)
-        export(final, out_dir, sft, template.ids)
-    barrier()
 
 
 def report(directory: Path) -> list[dict[str, Any]]:

@@ -4,9 +4,9 @@ The stage function reads the conversation files (`data`, "{fetch}" = the fetch a
 `gptline/data/chat.py`), encodes each with the chat template, skips and counts records that are bad or longer than
 the context, and splits off a held-out set by a hash of each conversation (so the split never depends on order or
 on how many files there are). The encoded examples go to `examples.npz` in the artifact (what was trained on, and
-what the workers read). Then the shared loop (`gptline/training/loop.py`) runs on a Ray Train worker group, as in
-pretrain: checkpoints, exact resume, the loss guard, warmup + cosine; `epochs` sets the step count unless `steps`
-does.
+what the workers read). Then the training library (`gptline/training`) runs the recipe on the stage's worker group,
+as in pretrain: checkpoints, exact resume, the loss guard, warmup + cosine; `epochs` sets the step count unless
+`steps` does.
 
 Each example is one row, right-padded to the longest in its micro-batch: with causal attention a row never sees
 another example or its own padding, so nothing leaks across examples. Targets are the next tokens where the
@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from gptline.data.chat import ChatTemplate, Message, Skipped, read_conversations
@@ -30,23 +31,16 @@ from gptline.data.dedup import unit_hash
 from gptline.data.formats import EXAMPLES, PROMPTS, load_ragged, save_ragged
 from gptline.model.export import export, load
 from gptline.model.generate import SamplingConfig, generate
-from gptline.model.gpt import GPT, IGNORE_INDEX
+from gptline.model.gpt import GPT
 from gptline.model.lora import LoRAConfig, apply_lora, merge_lora
-from gptline.training.engine import Checkpoints, init_deepspeed
-from gptline.training.loaders import ExampleLoader, collate_examples
-from gptline.training.loop import (
-    CHECKPOINTS,
-    TrainConfig,
-    barrier,
-    consolidated_state,
-    fit,
-    launch,
-    log_sections,
-    micro_batch,
-    worker_context,
-)
+from gptline.training.config import TrainConfig, micro_batch
+from gptline.training.driver import train
+from gptline.training.fit import Schedule
+from gptline.training.loaders import ExampleLoader, collate_examples, collate_packed_examples, pack_rows
+from gptline.training.log import log_sections
+from gptline.training.supervised import NextTokenTask, generating
+from gptline.training.worker import TrainedModel
 from pipeline.checks import at_least
-from pipeline.config import typed
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
@@ -63,6 +57,9 @@ class SFTConfig(TrainConfig):
     max_len: int = 0  # tokens per example; 0: the model's context
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     num_samples: int = 4  # held-out prompts answered at every sample_every
+    # Several conversations share a row (attention kept inside each, positions restarting): the same loss as one
+    # padded row per conversation, in fewer rows.
+    packing: bool = True
 
     def validate(self) -> list[tuple[str, str]]:
         problems = super().validate() + at_least(self, 0, "max_len", "num_samples")
@@ -128,21 +125,18 @@ def run(cfg: SFTConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContex
     total_steps = cfg.steps or math.ceil(cfg.epochs * steps_per_epoch)
     save_ragged(out_dir / EXAMPLES, {f"{split}_{column}": [e[i] for e in examples] for split, examples in splits.items()
                                      for i, column in enumerate(("ids", "trained"))})  # fmt: skip
+    capacity = cfg.max_len or context
+    counts["padding"] = padding_shares([len(ids) - 1 for ids, _ in splits["train"]], micro, world, cfg.seed, capacity)
     (out_dir / "data.json").write_text(json.dumps(counts, indent=2) + "\n")
     lines = (json.dumps({"messages": p}, ensure_ascii=False) + "\n" for p in held_out_prompts)
     (out_dir / PROMPTS).write_text("".join(lines))
     if not ctx.quiet:
         print(f"[sft] {counts['train_examples']} training / {counts['validation_examples']} held-out "
               f"conversations, {total_steps} steps; skipped {dict(skipped_counts(counts))}", flush=True)  # fmt: skip
-    loop_config = {
-        "config": asdict(cfg),
-        "base": str(inputs["pretrain"]),
-        "tokenizer": str(inputs["tokenizer"]),
-        "micro_batch": micro,
-        "total_steps": total_steps,
-        "prompts": held_out_prompts[: cfg.num_samples],
-    }
-    final = launch("sft", train_loop, loop_config, ctx, out_dir)
+    recipe = SFTRecipe(cfg, str(inputs["pretrain"]), str(inputs["tokenizer"]), str(out_dir / EXAMPLES), micro,
+                       capacity, tuple(held_out_prompts[: cfg.num_samples]))  # fmt: skip
+    schedule = Schedule(total_steps, cfg.eval_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints)
+    final = train("sft", recipe, schedule, cfg.deepspeed, cfg.seed, ctx, out_dir)
     return {
         **final,
         "train_examples": counts["train_examples"],
@@ -154,44 +148,55 @@ def skipped_counts(counts: dict[str, Any]) -> dict[str, int]:
     return {reason: entry["count"] for reason, entry in counts["skipped"].items()}
 
 
-class SFTTask:
+@dataclass(frozen=True)
+class SFTRecipe:
+    cfg: SFTConfig
+    base: str  # the pretrained model's artifact
+    tokenizer: str
+    examples: str  # the encoded conversations the stage function wrote for its workers
+    micro_batch: int
+    row_capacity: int  # tokens per packed row: the longest a conversation may be
+    prompts: tuple  # held-out conversations answered in the samples
+
+    def models(self) -> dict[str, TrainedModel]:
+        # LoRA's A matrices come from the seeded generator: the same on every rank.
+        return {"model": TrainedModel(build_model(Path(self.base), self.cfg.lora), self.cfg.optim, self.micro_batch,
+                                      self.cfg.grad_accum)}  # fmt: skip
+
+    def task(self, engines: dict[str, Any], rank: int, world: int) -> SFTTask:
+        return SFTTask(self, engines["model"], rank, world)
+
+    def export(self, weights: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> None:
+        final = build_model(Path(self.base), self.cfg.lora)
+        final.load_state_dict(weights["model"])
+        merge_lora(final)
+        export(final, out_dir, Path(self.tokenizer), ChatTemplate(Path(self.tokenizer)).ids)
+
+
+class SFTTask(NextTokenTask):
     """Response-only next-token loss on padded conversations; held-out loss; answers to held-out prompts."""
 
-    def __init__(self, cfg: SFTConfig, loop: dict[str, Any], template: ChatTemplate, rank: int, world: int):
-        self.cfg, self.template, self.prompts = cfg, template, loop["prompts"]
-        pad = template.ids["pad"]
-        examples = load_ragged(
-            Path(loop["out_dir"]) / EXAMPLES, *(f"{s}_{c}" for s in SPLITS for c in ("ids", "trained"))
-        )
-        train, validation = (list(zip(examples[f"{s}_ids"], examples[f"{s}_trained"], strict=True)) for s in SPLITS)
-        micro = loop["micro_batch"]
-        self.train = ExampleLoader(train, lambda b: collate_examples(b, pad), micro, rank, world,
-                                   cfg.seed, what="training conversations")  # fmt: skip
-        self.validation = ExampleLoader(validation, lambda b: collate_examples(b, pad), micro,
-                                        rank, world, cfg.seed, shuffle=False, require_full_batch=False)  # fmt: skip
+    def __init__(self, recipe: SFTRecipe, engine, rank: int, world: int):
+        cfg = recipe.cfg
+        self.template = ChatTemplate(Path(recipe.tokenizer))
+        pad = self.template.ids["pad"]
+        examples = load_ragged(Path(recipe.examples), *(f"{s}_{c}" for s in SPLITS for c in ("ids", "trained")))
+        train_set, validation_set = (list(zip(examples[f"{s}_ids"], examples[f"{s}_trained"], strict=True))
+                                     for s in SPLITS)  # fmt: skip
+        micro, capacity = recipe.micro_batch, recipe.row_capacity
 
-    def loss(self, engine, batch) -> torch.Tensor:
-        inputs, targets = (torch.from_numpy(a).to(engine.device) for a in batch)
-        return engine(inputs, targets)[1]
+        def collate(batch):
+            return collate_packed_examples(batch, pad, capacity) if cfg.packing else collate_examples(batch, pad)
 
-    def tokens(self, batch) -> int:
-        return int((batch[1] != IGNORE_INDEX).sum())
+        train_rows = ExampleLoader(train_set, collate, micro, rank, world, cfg.seed, what="training conversations")
+        validation = ExampleLoader(validation_set, collate, micro, rank, world, cfg.seed, shuffle=False,
+                                   require_full_batch=False)  # fmt: skip
+        super().__init__("sft", engine, train_rows, validation, cfg.eval_batches, cfg.grad_accum, cfg.guard, rank)
+        self.cfg, self.prompts = cfg, list(recipe.prompts)
 
-    @torch.no_grad()
-    def evaluate(self, engine) -> dict[str, float]:
-        self.validation.rewind()
-        engine.eval()
-        total = torch.zeros(2)
-        for _, batch in zip(range(self.cfg.eval_batches), self.validation.epoch_batches(), strict=False):
-            valid = float(self.tokens(batch))
-            total += torch.tensor([float(self.loss(engine, batch)) * valid, valid])
-        engine.train()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total)
-        return {"val_loss": float(total[0] / total[1].clamp(min=1))}
-
-    def samples(self, model: GPT) -> list[str]:
-        return answer(model, self.template, self.prompts, self.cfg.sample_tokens, self.cfg.seed)
+    def samples(self) -> list[str]:
+        with generating(self.engine.module) as model:
+            return answer(model, self.template, self.prompts, self.cfg.sample_tokens, self.cfg.seed)
 
 
 def answer(model: GPT, template: ChatTemplate, prompts: list[list[Message]], max_new: int, seed: int) -> list[str]:
@@ -215,27 +220,28 @@ def build_model(base: Path, lora: LoRAConfig) -> GPT:
     return model
 
 
-def train_loop(loop: dict[str, Any]) -> None:
-    """One Ray Train worker: the pretrained model (LoRA-wrapped if configured), the shared loop, the export."""
-    rank, world = worker_context()
-    torch.set_num_threads(loop["threads"])
-    cfg: SFTConfig = typed(SFTConfig, loop["config"])
-    out_dir, tokenizer = Path(loop["out_dir"]), Path(loop["tokenizer"])
-    torch.manual_seed(cfg.seed)  # LoRA's A matrices: the same on every rank
-    model = build_model(Path(loop["base"]), cfg.lora)
-    engine, optimizer = init_deepspeed(model, cfg.optim, cfg.deepspeed, loop["micro_batch"], cfg.grad_accum)
-    task = SFTTask(cfg, loop, ChatTemplate(tokenizer), rank, world)
-    fit("sft", task, engine, optimizer, cfg, loop["total_steps"], out_dir, rank, world, loop["progress"],
-        mirror=loop["mirror"])  # fmt: skip
-    state = consolidated_state(engine, cfg.deepspeed, Checkpoints(out_dir / CHECKPOINTS, 1, loop["mirror"]), rank)
-    if rank == 0:
-        final = build_model(Path(loop["base"]), cfg.lora)
-        final.load_state_dict(state)
-        merge_lora(final)
-        export(final, out_dir, tokenizer, ChatTemplate(tokenizer).ids)
-    barrier()
+def padding_shares(lengths: list[int], micro: int, world: int, seed: int, capacity: int) -> dict[str, float]:
+    """The share of padding in the first epoch's micro-batches, with one padded row per conversation and packed:
+    the compute spent on no token at all."""
+    real = padded = packed = 0
+    for rank in range(world):
+        order = ExampleLoader(list(range(len(lengths))), list, micro, rank, world, seed)
+        for batch in order.epoch_batches():
+            present = [lengths[i] for i in batch if i is not None]
+            real += sum(present)
+            padded += len(batch) * max(present, default=1)
+            rows = pack_rows([(np.zeros(n),) for n in present] or [(np.zeros(1),)], capacity, (0,))
+            packed += rows.segments.size
+    return {"padded": 1 - real / padded, "packed": 1 - real / packed}
 
 
 def report(directory: Path) -> list[dict[str, Any]]:
-    """Loss on assistant tokens (training and held out), learning rate, and the last answers."""
-    return log_sections(directory, [("loss (assistant tokens)", ("loss", "val_loss")), ("learning rate", ("lr",))])
+    """Loss on assistant tokens (training and held out), learning rate, the share of padding, and the last
+    answers."""
+    sections = log_sections(directory, [("loss (assistant tokens)", ("loss", "val_loss")), ("learning rate", ("lr",))])
+    shares = json.loads((directory / "data.json").read_text()).get("padding")
+    if shares:
+        rows = [[layout, f"{share:.1%}"] for layout, share in shares.items()]
+        sections.append({"kind": "table", "title": "padding in the training batches (first epoch)",
+                         "columns": ["rows", "padding"], "rows": rows})  # fmt: skip
+    return sections

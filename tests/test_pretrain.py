@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptline.training.engine import Checkpoints
+from gptline.training.checkpoints import Checkpoints
 from pipeline.artifacts import Store
 from pipeline.config import typed
 from pipeline.dag import StageContext, StageResources
@@ -151,18 +151,18 @@ def test_a_rank_downloads_the_shared_checkpoint_files_and_its_own_partition_only
         f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(3) for kind in ("model", "optim")
     ]
     for name in names:
-        (writer / "checkpoints" / tag).mkdir(parents=True, exist_ok=True)
-        (writer / "checkpoints" / tag / name).write_text(name)
+        (writer / "checkpoints" / "model" / tag).mkdir(parents=True, exist_ok=True)
+        (writer / "checkpoints" / "model" / tag / name).write_text(name)
     (writer / "checkpoints" / "latest").write_text(tag)
     on_writer = store.mirror("pretrain", "a" * 12, writer, {})
-    on_writer.push([f"checkpoints/{tag}/{name}" for name in names] + ["checkpoints/latest"])
+    on_writer.push([f"checkpoints/model/{tag}/{name}" for name in names] + ["checkpoints/latest"])
 
-    checkpoints = Checkpoints(reader / "checkpoints", 2, store.mirror("pretrain", "a" * 12, reader, {}))
+    checkpoints = Checkpoints(reader / "checkpoints", 2, store.mirror("pretrain", "a" * 12, reader, {}), rank=1)
     assert checkpoints.latest() == tag  # read from the store: this node never saw the marker
-    checkpoints.download(tag, 1)
-    assert sorted(p.name for p in (reader / "checkpoints" / tag).iterdir()) == [
+    checkpoints.download("model", tag, 1)
+    assert sorted(p.name for p in (reader / "checkpoints" / "model" / tag).iterdir()) == [
         "mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_to_fp32.py",
     ]  # fmt: skip
-    checkpoints.download_all()
-    assert sorted(p.name for p in (reader / "checkpoints" / tag).iterdir()) == sorted(names)
+    checkpoints.download_all("model")
+    assert sorted(p.name for p in (reader / "checkpoints" / "model" / tag).iterdir()) == sorted(names)

@@ -7,7 +7,8 @@ Module names follow `LlamaForCausalLM` (minus its `model.` prefix), so the expor
 
 `forward(tokens, targets=None, attention_mask=None, cache=None)`: `attention_mask` (B, T) marks real tokens (1)
 versus padding (0, e.g. left padding for batched prompts), positions then count real tokens only; `cache` is a
-`KVCache` the call appends to (generation). With `targets` the mean cross-entropy over targets != -100 is
+`KVCache` the call appends to (generation); `segments` (B, T) packs several sequences into each row (attention stays
+inside a sequence, positions restart per sequence). With `targets` the mean cross-entropy over targets != -100 is
 returned beside the logits; `logits_from` computes them from that position on only. `ScalarModel` is the same
 decoder with a one-output head instead of `lm_head`: the reward model and PPO's value model.
 """
@@ -189,12 +190,17 @@ class Decoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states (B, T, dim). With a mask, positions count real tokens only (left padding)."""
+        """Final-norm hidden states (B, T, dim). With a mask, positions count real tokens only (left padding).
+        `segments` (B, T) packs several sequences into a row: a token attends only to earlier tokens of its own
+        segment, and positions restart at each segment's first token."""
         b, t = tokens.shape
         start = cache.length if cache is not None else 0
         if start + t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + t} tokens exceeds the model's max_seq_len={self.cfg.max_seq_len}")
+        if segments is not None:
+            return self._packed(tokens, segments)
         if positions is None:
             if attention_mask is not None:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
@@ -213,6 +219,21 @@ class Decoder(nn.Module):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += t
+        return self.norm(x)
+
+    def _packed(self, tokens: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """Packed rows: a block-diagonal causal mask (one block per segment) through SDPA."""
+        t = tokens.shape[1]
+        index = torch.arange(t, device=tokens.device).expand_as(segments)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        positions = index - torch.where(starts, index, 0).cummax(-1).values
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+        mask = (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None, i)
         return self.norm(x)
 
     @staticmethod
@@ -251,10 +272,11 @@ class GPT(Decoder):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         logits_from: int = 0,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`logits_from`: the first position whose logits (and targets) count; a caller that scores only the end of
         each row (PPO's answers) skips the output projection, the largest matmul of a small model, for the rest."""
-        logits = self.lm_head(self.hidden(tokens, attention_mask, cache, positions)[:, logits_from:])
+        logits = self.lm_head(self.hidden(tokens, attention_mask, cache, positions, segments)[:, logits_from:])
         if targets is None:
             return logits, None
         flat = targets[:, logits_from:].reshape(-1)
@@ -289,9 +311,10 @@ class ScalarModel(Decoder):
         tokens: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) scalars."""
-        return self.score(self.hidden(tokens, attention_mask, None, positions)).squeeze(-1).float()
+        return self.score(self.hidden(tokens, attention_mask, None, positions, segments)).squeeze(-1).float()
 
 
 def rewards_at(model: ScalarModel, tokens: torch.Tensor, mask: torch.Tensor, reward_id: int) -> torch.Tensor:
@@ -303,3 +326,11 @@ def rewards_at(model: ScalarModel, tokens: torch.Tensor, mask: torch.Tensor, rew
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     index = torch.where(is_reward, positions, -1).amax(-1)
     return values.gather(1, index[:, None]).squeeze(1)
+
+
+def rewards_at_last(
+    model: ScalarModel, tokens: torch.Tensor, segments: torch.Tensor, last: torch.Tensor
+) -> torch.Tensor:
+    """The scalar at each packed sequence's last token (its reward token): `last` holds (row, position) pairs."""
+    values = model(tokens, segments=segments)
+    return values[last[:, 0], last[:, 1]]

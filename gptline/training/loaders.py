@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,64 @@ def pad_rows(rows: list[np.ndarray], pad_id: int, left: bool = False) -> tuple[n
         span = slice(width - len(row), width) if left else slice(0, len(row))
         tokens[i, span], mask[i, span] = row, 1
     return tokens, mask
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Sequences packed into rows: `columns` are the rows of each aligned column (tokens, targets, ...), `segments`
+    numbers the sequences in each row from 1 (0: padding), and sequence i sits in row `row[i]` from `start[i]`."""
+
+    columns: tuple[np.ndarray, ...]
+    segments: np.ndarray
+    row: np.ndarray
+    start: np.ndarray
+
+
+def pack_rows(sequences: list[tuple[np.ndarray, ...]], capacity: int, fills: tuple[int, ...]) -> PackedRows:
+    """Pack sequences (each a tuple of equal-length arrays, one per column) into as few rows of at most `capacity`
+    tokens as first-fit decreasing finds, each row padded with the column's `fill` to the longest row."""
+    lengths = [len(s[0]) for s in sequences]
+    order = sorted(range(len(sequences)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        fits = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if fits is None:
+            rows.append([])
+            room.append(capacity)
+            fits = len(rows) - 1
+        rows[fits].append(i)
+        room[fits] -= lengths[i]
+    width = max(capacity - free for free in room)
+    columns = tuple(np.full((len(rows), width), fill, dtype=np.int64) for fill in fills)
+    segments = np.zeros((len(rows), width), dtype=np.int64)
+    row_of, start_of = np.zeros(len(sequences), np.int64), np.zeros(len(sequences), np.int64)
+    for r, members in enumerate(rows):
+        offset = 0
+        for segment, i in enumerate(members, start=1):
+            span = slice(offset, offset + lengths[i])
+            for column, values in zip(columns, sequences[i], strict=True):
+                column[r, span] = values
+            segments[r, span] = segment
+            row_of[i], start_of[i] = r, offset
+            offset += lengths[i]
+    return PackedRows(columns, segments, row_of, start_of)
+
+
+def collate_packed_examples(
+    examples: list[tuple[np.ndarray, np.ndarray] | None], pad_id: int, capacity: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs, targets, segments): the micro-batch's examples packed into rows of at most `capacity` tokens (the
+    same examples and targets as `collate_examples`, in fewer rows); an all-empty batch is one padding row."""
+    rows = [training_row(*e) for e in examples if e is not None] or [(np.array([pad_id]), np.array([IGNORE_INDEX]))]
+    packed = pack_rows(rows, capacity, (pad_id, IGNORE_INDEX))
+    inputs, targets = packed.columns
+    return inputs, targets, packed.segments
+
+
+def collate_packed_sequences(sequences: list[np.ndarray], pad_id: int, capacity: int):
+    """(tokens, segments, last): whole sequences packed into rows of at most `capacity` tokens, and where each
+    sequence's last token sits (row, position), in the order given (a reward model reads its score there)."""
+    packed = pack_rows([(s,) for s in sequences], capacity, (pad_id,))
+    ends = packed.start + np.array([len(s) for s in sequences]) - 1
+    return packed.columns[0], packed.segments, np.stack([packed.row, ends], axis=1)

@@ -95,7 +95,7 @@ def test_sigterm_mid_pretrain_checkpoints_there_and_the_resume_is_exact(inputs, 
     assert "asked to stop (SIGTERM) and stopped after step" in message, message
     step = int(message.split("after step ")[1].split()[0])
     assert 3 <= step < 200 and len(losses(out)) == step
-    assert (out / "checkpoints").is_dir() and not (out / STOP_REQUEST).exists()
+    assert (out / "transient" / "checkpoints").is_dir() and not (out / STOP_REQUEST).exists()
 
     train(inputs, out, workers=2, exist_ok=True, **overrides)  # the resume: from the checkpoint written at `step`
     a, b = losses(tmp_path / "straight"), losses(out)
