@@ -92,7 +92,9 @@ def test_packed_rewards_equal_the_padded_rewards(seed):
     with torch.no_grad():
         tokens, mask = (torch.from_numpy(a) for a in pad_rows(sequences, PAD))
         padded = rewards_at(model, tokens, mask, reward_id)
-        packed = rewards_at_last(model, *(torch.from_numpy(a) for a in collate_packed_sequences(sequences, PAD, CONTEXT)))
+        packed = rewards_at_last(
+            model, *(torch.from_numpy(a) for a in collate_packed_sequences(sequences, PAD, CONTEXT))
+        )
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
 
 
