@@ -51,7 +51,7 @@ def test_packed_rows_hold_every_sequence_once_within_capacity(seed):
 def test_packed_loss_and_gradients_equal_the_padded_path(seed):
     torch.manual_seed(seed)
     model = GPT(model_config())
-    batch = examples(seed, 12) + [None]  # an empty slot, as at the end of an epoch
+    batch = [*examples(seed, 12), None]  # an empty slot, as at the end of an epoch
     padded = [torch.from_numpy(a) for a in collate_examples(batch, PAD)]
     packed = [torch.from_numpy(a) for a in collate_packed_examples(batch, PAD, CONTEXT)]
     assert packed[0].numel() < padded[0].numel()  # fewer slots to compute
