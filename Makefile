@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install run test test-slow lint format clean bench-venv chromium
+.PHONY: install run test test-slow test-gpu lint format clean bench-venv chromium
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP) chromium
 # Fault injection and longer end-to-end runs (CI runs these too).
 test-slow: $(STAMP) chromium
 	$(BIN)/pytest -q -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests collected"; exit 0; fi; exit $$rc
+
+# bf16, NCCL, SDPA's flash path and the KV-cache sampler on CUDA; every test skips where there is no GPU.
+test-gpu: $(STAMP)
+	$(BIN)/pytest -q -m gpu
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

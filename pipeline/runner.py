@@ -270,7 +270,8 @@ def build_node(job: NodeJob, *upstream: NodeOutcome) -> NodeOutcome:
             if job.rebuild and store.is_committed(stage, version):
                 store.retire(stage, version)
                 print(f"[{stage}] rebuilding {version}: the committed artifact was retired", flush=True)
-            if store.is_committed(stage, version):  # another run built it while we waited for the lease
+            if store.is_committed(stage, version):  # another run (or an earlier attempt) built it meanwhile
+                store.drop_transient(stage, version)
                 outcome.state = "reused"
                 return outcome
             try:

@@ -373,13 +373,15 @@ def rollout(policy: GPT, value: ScalarModel, frozen, prompts: list[list[int]], c
     answers = generate(policy, prompts, cfg.sampling, stop_ids=[end], pad_id=pad, generator=generator,
                        on_step=record)  # fmt: skip
     policy.train()
+    device = policy.lm_head.weight.device
     tokens, mask, start, answer_mask = answer_batch(prompts, answers, pad)
+    tokens, mask, answer_mask = tokens.to(device), mask.to(device), answer_mask.to(device)
     logp, token_entropy = (torch.stack(column, dim=1).float() * answer_mask for column in zip(*steps, strict=True))
     texts = [template.decode(a) for a in answers]
-    ended = torch.tensor([bool(a) and a[-1] == end for a in answers])
-    raw_scores = frozen.scores(prompts, answers, texts)
+    ended = torch.tensor([bool(a) and a[-1] == end for a in answers], device=device)
+    raw_scores = frozen.scores(prompts, answers, texts).to(device)
     scores = apply_missing_end_penalty(raw_scores, ended, cfg.missing_end_penalty)
-    ref_logp = frozen.reference_logprobs(tokens, mask, start, cfg.sampling.temperature)
+    ref_logp = frozen.reference_logprobs(tokens, mask, start, cfg.sampling.temperature).to(device)
     values = forward_values(value, tokens, mask, start) * answer_mask
     kl = kl_terms(logp, ref_logp, cfg.kl.estimator) * answer_mask
     advantages, returns = gae(token_rewards(scores, kl, answer_mask, beta), values, answer_mask, cfg.gamma, cfg.lam)
@@ -405,7 +407,7 @@ def update(policy, value, exp: Experience, cfg: PPOConfig, minibatch: int, shuff
             p_loss, p_stats = policy_loss(logp, exp.logprobs[idx], exp.advantages[idx], answer_mask, cfg.clip_ratio)
             loss = p_loss - cfg.entropy_coef * masked_mean(out[1], answer_mask) if bonus else p_loss
             if ptx is not None:
-                ptx_inputs, ptx_targets = (torch.from_numpy(a) for a in next(ptx))
+                ptx_inputs, ptx_targets = (torch.from_numpy(a).to(tokens.device) for a in next(ptx))
                 loss = loss + cfg.ptx_coef * policy(ptx_inputs, ptx_targets)[1]
             policy.backward(loss)
             policy.step()

@@ -35,7 +35,12 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("pretrain-inputs")
+    return build_inputs(tmp_path_factory.mktemp("pretrain-inputs"))
+
+
+def build_inputs(tmp: Path) -> dict[str, Path]:
+    """A real tokenizer and token shards from Shakespeare, built by the stages themselves."""
+    tmp.mkdir(parents=True, exist_ok=True)
     docs = shakespeare_docs()[:600]
     source = corpus(tmp, docs)
     tok_dir, tokens_dir = tmp / "tokenizer", tmp / "tokenize"

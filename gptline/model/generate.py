@@ -62,7 +62,9 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) -
     row, about 5x slower at V=2048 and the bulk of a small model's decoding step). The draw is scaled by the row's
     total so rounding in the cumulative sum can never land on a zero-probability (top-k/top-p masked) entry."""
     cumulative = probs.cumsum(-1)
-    draw = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cumulative[:, -1:]
+    # Drawn where the generator lives (a seeded CPU generator gives the same answers on a GPU), then moved.
+    uniform = torch.rand(probs.shape[0], 1, generator=generator, device=generator.device if generator else None)
+    draw = uniform.to(probs.device) * cumulative[:, -1:]
     return (cumulative <= draw).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 

@@ -94,9 +94,10 @@ class Checkpoints:
         marker = self.directory / LATEST
         return marker.read_text().strip() if marker.exists() else None
 
-    def save(self, engines: dict[str, Any], step: int, client_state: dict[str, Any]) -> None:
+    def save(self, engines: dict[str, Any], step: int, client_state: dict[str, Any], with_files: list[str]) -> None:
         """Every engine's state at `step` (the client state rides with the first), then `latest` once all ranks
-        have written (and, with a mirror, uploaded) their parts."""
+        have written (and, with a mirror, uploaded) their parts. With a mirror rank 0 uploads `with_files` (work
+        directory files that must match the checkpoint, such as the log) before `latest`."""
         tag = step_tag(step)
         for i, (name, engine) in enumerate(engines.items()):
             engine.save_checkpoint(str(self.directory / name), tag=tag, client_state=client_state if i == 0 else {},
@@ -113,7 +114,7 @@ class Checkpoints:
             marker.with_name(LATEST + ".tmp").write_text(tag)
             os.replace(marker.with_name(LATEST + ".tmp"), marker)
             if self.mirror:
-                self.mirror.push([f"{self.rel}/{LATEST}"])
+                self.mirror.push([*with_files, f"{self.rel}/{LATEST}"])
                 self._prune_remote(engines)
         if self.rank == 0 or self.mirror:  # with a mirror every node prunes its own copy
             for name in engines:

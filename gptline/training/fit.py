@@ -12,7 +12,7 @@ its position (loaders, controllers). `fit` owns everything else, once:
   every rank after the same step (the vote rides on the step's one all-reduce);
 - a rollback when the task raises `RollBack` (its loss guard saw too many bad batches in a row): weights, optimizer
   and RNG back to the last checkpoint, the data position left where it is, so the offending batches are skipped;
-- `final.json`, the stage's metrics (or the step it stopped at).
+- `final.json`, the stage's metrics (or the step it stopped at), with the step the last attempt restored from.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from gptline.training.checkpoints import Checkpoints, gather_rng, set_rng_state
 from gptline.training.collectives import sum_over_ranks
 from gptline.training.config import OptimConfig
 from gptline.training.engine import lr_at, set_lr
-from gptline.training.log import STOPPED, TrainLog, summary, write_final
+from gptline.training.log import LOG, STOPPED, TrainLog, summary, write_final
 from pipeline.errors import GptlineError
 from pipeline.faults import fault_point
 
@@ -94,9 +94,11 @@ def fit(loop: Loop, task: Task, rank: int, world: int, progress, stop_requested)
     schedule, log = loop.schedule, loop.log
     first_engine = loop.engines[next(iter(loop.engines))]
     step, tokens_seen = _restore(loop, task, rank)
+    restored_step = step
     bar = progress(schedule.total_steps, f"[{loop.stage}] training", unit="step")
     bar.update(step)
     shown: dict[str, float] = {}
+    attempt_started = time.perf_counter()
     while step < schedule.total_steps:
         started = time.perf_counter()
         for name, engine in loop.engines.items():
@@ -112,6 +114,7 @@ def fit(loop: Loop, task: Task, rank: int, world: int, progress, stop_requested)
         tokens_seen += int(tokens)
         record: dict[str, Any] = {"step": step, **figures, "lr": first_engine.optimizer.param_groups[0]["lr"]}
         record["tokens_per_s"] = tokens / seconds
+        record["time_s"] = time.perf_counter() - attempt_started  # wall time of this attempt so far
         if task.flops_per_token and loop.peak_flops:
             record["mfu"] = tokens * task.flops_per_token / seconds / (loop.peak_flops * world)
         if schedule.due(schedule.eval_every, step):
@@ -119,12 +122,13 @@ def fit(loop: Loop, task: Task, rank: int, world: int, progress, stop_requested)
         if rank == 0 and schedule.due(schedule.sample_every, step):
             record["samples"] = task.samples()
         log.append(record)
+        fault_point(f"{loop.stage}.after_step_{step}")  # crash tests kill a worker between checkpoints here
         shown.update((k, record[k]) for k in task.headline if k in record)
         bar.update(1, **shown)
         stop = stop_votes > 0
         if schedule.due(schedule.checkpoint_every, step) or stop:
             client = {"step": step, "tokens_seen": tokens_seen, "task": task.state_dict(), "rng": gather_rng(world)}
-            loop.checkpoints.save(loop.engines, step, client)
+            loop.checkpoints.save(loop.engines, step, client, with_files=[LOG])  # a resume elsewhere continues it
             fault_point(f"{loop.stage}.after_checkpoint_{step}")  # crash tests kill a worker here
         if stop and step < schedule.total_steps:
             bar.close()
@@ -135,7 +139,8 @@ def fit(loop: Loop, task: Task, rank: int, world: int, progress, stop_requested)
     records = log.records()
     # ZeRO-3 leaves each rank a slice of every parameter; ds_numel is the full size.
     params = sum(getattr(p, "ds_numel", p.numel()) for p in first_engine.module.parameters())
-    extra = {"steps": step, "params": params, "tokens_seen": tokens_seen, "zero_stage": loop.zero_stage}
+    extra = {"steps": step, "params": params, "tokens_seen": tokens_seen, "zero_stage": loop.zero_stage,
+             "restored_step": restored_step}  # fmt: skip
     return _finish(loop, rank, summary(records, {**extra, **task.summary(records)}))
 
 
