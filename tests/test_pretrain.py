@@ -141,7 +141,7 @@ def test_loss_guard_skips_a_nan_and_rolls_back_after_repeated_ones(inputs, tmp_p
     final = train(inputs, tmp_path / "guarded", workers=1, guard={"max_consecutive": 2})
     log = [json.loads(line) for line in (tmp_path / "guarded" / "train_log.jsonl").read_text().splitlines()]
     assert final["skipped_batches"] == 3 and final["rollbacks"] == 1
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # step 5 again after the rollback to 4
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 7, 8]  # the rolled-back step 5 is logged once, as redone
     assert all(math.isfinite(r["loss"]) for r in log)
     assert math.isfinite(final["val_loss"])
 

@@ -227,14 +227,11 @@ class PackedRows:
     start: np.ndarray
 
 
-def pack_rows(sequences: list[tuple[np.ndarray, ...]], capacity: int, fills: tuple[int, ...]) -> PackedRows:
-    """Pack sequences (each a tuple of equal-length arrays, one per column) into as few rows of at most `capacity`
-    tokens as first-fit decreasing finds, each row padded with the column's `fill` to the longest row."""
-    lengths = [len(s[0]) for s in sequences]
-    order = sorted(range(len(sequences)), key=lambda i: (-lengths[i], i))
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` per row, longest first into the first row with room."""
     rows: list[list[int]] = []
     room: list[int] = []
-    for i in order:
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         fits = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
         if fits is None:
             rows.append([])
@@ -242,7 +239,24 @@ def pack_rows(sequences: list[tuple[np.ndarray, ...]], capacity: int, fills: tup
             fits = len(rows) - 1
         rows[fits].append(i)
         room[fits] -= lengths[i]
-    width = max(capacity - free for free in room)
+    return rows
+
+
+def pack_rows(sequences: list[tuple[np.ndarray, ...]], capacity: int, fills: tuple[int, ...]) -> PackedRows:
+    """Pack sequences (each a tuple of equal-length arrays, one per column) into rows of at most `capacity` tokens,
+    each padded with its column's `fill` to the longest row. The rows are as few as first-fit decreasing finds at
+    `capacity`, and as short as it can keep that count: the row width is the cost (every row is computed to it),
+    so a micro-batch of 300 tokens goes into two rows of about 150, not one of 256 and one of 44."""
+    lengths = [len(s[0]) for s in sequences]
+    rows = first_fit_decreasing(lengths, capacity)
+    target = max(max(lengths), math.ceil(sum(lengths) / len(rows)))  # no row count can beat this width
+    while target < capacity:  # the narrowest width (in steps of capacity/64) that keeps the row count
+        tighter = first_fit_decreasing(lengths, target)
+        if len(tighter) == len(rows):
+            rows = tighter
+            break
+        target += max(1, capacity // 64)
+    width = max(sum(lengths[i] for i in row) for row in rows)
     columns = tuple(np.full((len(rows), width), fill, dtype=np.int64) for fill in fills)
     segments = np.zeros((len(rows), width), dtype=np.int64)
     row_of, start_of = np.zeros(len(sequences), np.int64), np.zeros(len(sequences), np.int64)
