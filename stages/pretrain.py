@@ -83,7 +83,7 @@ def run(cfg: PretrainConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
                             str(inputs["tokenizer"]), seq_len, micro)  # fmt: skip
     # per worker, measured here while the cores are idle (inside a busy worker it would read low)
     peak = cfg.peak_flops or measured_peak_flops(worker_threads(ctx.resources.threads_per_worker, workers))
-    schedule = Schedule(cfg.steps, cfg.eval_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints)
+    schedule = Schedule.of(cfg, cfg.steps)
     return train("pretrain", recipe, schedule, cfg.deepspeed, cfg.seed, ctx, out_dir, peak)
 
 

@@ -130,7 +130,7 @@ def run(cfg: RMConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext
         print(f"[rm] {counts['train_pairs']} training / {counts['validation_pairs']} held-out pairs, "
               f"{total_steps} steps; skipped {skipped}", flush=True)  # fmt: skip
     recipe = RMRecipe(cfg, str(inputs["sft"]), str(out_dir / COMPARISONS), micro, cfg.max_len or context)
-    schedule = Schedule(total_steps, cfg.eval_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints)
+    schedule = Schedule.of(cfg, total_steps)
     final = train("rm", recipe, schedule, cfg.deepspeed, cfg.seed, ctx, out_dir)
     stats = {"mean": final["reward_mean"], "std": final["reward_std"], "pairs": counts["validation_pairs"]}
     (out_dir / REWARD_STATS).write_text(json.dumps(stats, indent=2) + "\n")

@@ -135,7 +135,7 @@ def run(cfg: SFTConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContex
               f"conversations, {total_steps} steps; skipped {dict(skipped_counts(counts))}", flush=True)  # fmt: skip
     recipe = SFTRecipe(cfg, str(inputs["pretrain"]), str(inputs["tokenizer"]), str(out_dir / EXAMPLES), micro,
                        capacity, tuple(held_out_prompts[: cfg.num_samples]))  # fmt: skip
-    schedule = Schedule(total_steps, cfg.eval_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints)
+    schedule = Schedule.of(cfg, total_steps)
     final = train("sft", recipe, schedule, cfg.deepspeed, cfg.seed, ctx, out_dir)
     return {
         **final,
@@ -174,7 +174,8 @@ class SFTRecipe:
 
 
 class SFTTask(NextTokenTask):
-    """Response-only next-token loss on padded conversations; held-out loss; answers to held-out prompts."""
+    """Response-only next-token loss on packed (or padded) conversations; held-out loss; answers to held-out
+    prompts."""
 
     def __init__(self, recipe: SFTRecipe, engine, rank: int, world: int):
         cfg = recipe.cfg

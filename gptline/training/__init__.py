@@ -1,2 +1,7 @@
-"""What the training stages (pretrain, sft, rm, ppo) share: data loading, and later engine setup, the training
-loop, checkpoint/resume and schedules."""
+"""The training-stage abstraction pretrain, sft, rm and ppo share.
+
+`driver.train` (on the driver) hands a stage's recipe to its worker group inside a `worker.WorkerSpec`;
+`worker.run_worker` builds the engines and runs `fit.fit` around the recipe's task; `supervised` holds the
+loss-based tasks, `loaders` the data (packed token rows, example batches, packing), `checkpoints`, `log`, `engine`
+(DeepSpeed, schedule, compile), `config` (the shared knobs) and `collectives` the rest.
+"""

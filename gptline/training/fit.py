@@ -50,6 +50,11 @@ class Schedule:
     def due(self, every: int, step: int) -> bool:
         return step == self.total_steps or (every > 0 and step % every == 0)
 
+    @classmethod
+    def of(cls, cfg, total_steps: int) -> Schedule:
+        """A loss-based stage's schedule from its config (a `TrainConfig`)."""
+        return cls(total_steps, cfg.eval_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints)
+
 
 class Task(Protocol):
     flops_per_token: float  # training FLOPs per token, for MFU; 0: not reported

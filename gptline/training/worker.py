@@ -87,6 +87,10 @@ def run_worker(spec: WorkerSpec) -> None:
     engines = {}
     for name, model in models.items():
         engines[name], _ = init_deepspeed(model.module, model.optim, deepspeed, model.micro_batch, model.grad_accum)
+        # Alone at stage 0, DeepSpeed would still flatten every gradient into a buffer, all-reduce it with itself and
+        # copy it back after each backward pass: an identity that costs a pass over the gradients. (ZeRO 1-3 finalize
+        # their partitions in that call, so they keep it.)
+        engines[name].enable_backward_allreduce = world_size > 1 or zero_stage > 0
     task = spec.recipe.task(engines, rank, world_size)
     checkpoints = Checkpoints(Path(spec.checkpoint_dir), spec.schedule.keep_checkpoints, spec.mirror, rank)
     optims = {name: model.optim for name, model in models.items()}
