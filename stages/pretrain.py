@@ -11,19 +11,21 @@ The shared loop does the rest: checkpoints with exact resume, the loss guard, th
 here: next-token loss on packed rows, validation loss on the held-out shards, samples from `sample_prompts`, and
 MFU (6N plus the attention term, against the configured peak or, on CPU, the measured fp32 matmul peak). At the end
 rank 0 writes consolidated fp32 weights (`model.safetensors`, also under ZeRO-3) with a Hugging Face export beside
-them.
+them. With a "base_model" input (an imported model, `base_model.continue_pretraining=true`) training continues
+from its weights, with its shape instead of `pretrain.model`'s.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gptline.model.export import export
+from gptline.data.tokenizer import load_tokenizer
+from gptline.model.export import export, load
 from gptline.model.generate import SamplingConfig, generate
 from gptline.model.gpt import GPT, IGNORE_INDEX, ModelConfig
 from gptline.training.engine import Checkpoints, compile_blocks, flops_per_token, init_deepspeed, measured_peak_flops
@@ -84,6 +86,9 @@ def _check_inputs(cfg: PretrainConfig, tokens: Path, tokenizer: Path, world: int
 
 
 def run(cfg: PretrainConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext) -> dict[str, Any]:
+    base = inputs.get("base_model")
+    if base is not None:  # continued pretraining: the imported model's shape
+        cfg = replace(cfg, model=ModelConfig(**json.loads((base / "config.json").read_text())["gptline"]))
     meta, seq_len, micro = _check_inputs(cfg, inputs["tokenize"], inputs["tokenizer"], ctx.resources.num_workers)
     loop_config = {
         "config": asdict(cfg),
@@ -91,6 +96,7 @@ def run(cfg: PretrainConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
         "special_ids": meta["special_ids"],
         "tokens": str(inputs["tokenize"]),
         "tokenizer": str(inputs["tokenizer"]),
+        "base": str(base or ""),
         "seq_len": seq_len,
         "micro_batch": micro,
         # per worker, measured here while the cores are idle (inside a busy worker it would read low)
@@ -103,8 +109,6 @@ class PretrainTask:
     """Next-token prediction on packed rows; validation loss on the held-out shards; samples from prompts."""
 
     def __init__(self, cfg: PretrainConfig, loop: dict[str, Any], rank: int, world: int):
-        import sentencepiece as spm
-
         self.cfg, self.special = cfg, loop["special_ids"]
         tokens, seq_len, micro = Path(loop["tokens"]), loop["seq_len"], loop["micro_batch"]
         self.train = PackedLoader(TokenStream(tokens / "train"), micro, seq_len, rank, world, cfg.seed,
@@ -112,7 +116,7 @@ class PretrainTask:
         # Built once: each evaluation rewinds it to the same first batches.
         self.validation = PackedLoader(TokenStream(tokens / "validation"), micro, seq_len, rank, world, cfg.seed,
                                        self.special["pad"], shuffle=False, require_full_batch=False)  # fmt: skip
-        self.sp = spm.SentencePieceProcessor(model_file=str(Path(loop["tokenizer"]) / "tokenizer.model"))
+        self.sp = load_tokenizer(Path(loop["tokenizer"]))
 
     def loss(self, engine, batch) -> torch.Tensor:
         inputs, targets = batch
@@ -151,7 +155,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     model_cfg = ModelConfig(**{**asdict(cfg.model), "vocab_size": loop["vocab_size"]})
     out_dir, seq_len = Path(loop["out_dir"]), loop["seq_len"]
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
-    model = GPT(model_cfg)
+    model = load(Path(loop["base"])) if loop["base"] else GPT(model_cfg)
     if cfg.activation_checkpointing:
         checkpoint_blocks(model)
     if cfg.compile:

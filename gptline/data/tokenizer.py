@@ -20,6 +20,19 @@ import re
 from pathlib import Path
 
 META = "tokenizer_meta.json"
+# gptline's special tokens, by what they are for: the tokenizer stage's defaults, and what an imported tokenizer gets
+# added where it has no token of its own for the purpose.
+GPTLINE_TOKENS = {
+    "unk": "<unk>",
+    "bos": "<s>",
+    "end_of_text": "</s>",  # separates documents in packed rows; the EOS of a base model's generation
+    "pad": "<pad>",
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "end_of_turn": "<|end|>",
+    "reward": "<|reward|>",  # the RM reads its scalar here
+}
 SENTENCEPIECE = "tokenizer.model"
 HF_TOKENIZER = "tokenizer.json"
 

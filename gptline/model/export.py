@@ -65,7 +65,7 @@ def head_of(model: Decoder) -> str | None:
     return None if model.cfg.tie_embeddings else "lm_head.weight"
 
 
-def hf_config(cfg: ModelConfig, special_ids: dict[str, int], scalar: bool = False) -> dict:
+def hf_config(cfg: ModelConfig, special_ids: dict[str, int], scalar: bool = False, dtype: str = "float32") -> dict:
     return {
         "architectures": ["LlamaForSequenceClassification" if scalar else "LlamaForCausalLM"],
         **({"num_labels": 1} if scalar else {}),
@@ -88,7 +88,7 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int], scalar: bool = Fals
         "bos_token_id": special_ids.get("bos", 1),
         "eos_token_id": special_ids.get("end_of_text", 2),
         "pad_token_id": special_ids.get("pad", 3),
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
         "gptline": asdict(cfg),  # our own config, so `load` rebuilds exactly this model
     }
 
