@@ -2,7 +2,8 @@
 
 `chat` reads user turns from standard input (a terminal or a pipe), keeps the conversation as messages and renders
 it with the chat template every turn (the one sft, rm and ppo use), dropping the oldest turns when the prompt and
-the answer would not fit the model's context. The answer is streamed as it is sampled: the answer so far is decoded
+the answer would not fit the model's context. An answer ends at the end-of-turn token or at end-of-text (the EOS
+tokens of the export's generation_config.json, where servers stop too). The answer is streamed as it is sampled: the answer so far is decoded
 after each token and only the new text is printed, so multi-byte characters never print half. EOF or Ctrl-C ends
 the session cleanly. `sample` continues a plain-text prompt with a base (pretrained) model until end-of-text.
 Sampling flags: temperature, top-k, top-p, max new tokens, and a seed (one generator for the session, so the same
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from gptline.data.chat import ChatTemplate, Message
+from gptline.data.chat import ChatTemplate, Message, stop_ids
 from gptline.model.export import load
 from gptline.model.generate import SamplingConfig, generate
 
@@ -99,7 +100,7 @@ def run_chat(args) -> int:
                 messages = []
                 continue
             print("model> ", end="", flush=True)
-            [answer] = generate(model, [template.prompt(messages)], sampling, stop_ids=[template.end_of_turn],
+            [answer] = generate(model, [template.prompt(messages)], sampling, stop_ids=stop_ids(template.ids),
                                 pad_id=template.ids["pad"], generator=generator,
                                 on_step=stream(template.decode))  # fmt: skip
             print(flush=True)

@@ -230,6 +230,12 @@ def gptline_chat_template(tokens: dict[str, str | None]) -> str:
     )
 
 
+def stop_ids(special_ids: dict[str, int | None]) -> list[int]:
+    """Where generation stops: the end of a turn (a chat model's answer) or of a text (a base model's); what the
+    export's generation_config.json names as EOS, so servers stop where `gptline chat` does."""
+    return list(dict.fromkeys(special_ids[k] for k in ("end_of_turn", "end_of_text") if special_ids.get(k) is not None))
+
+
 def _jinja_environment():
     """A sandboxed Jinja environment like the one transformers renders chat templates in."""
     from datetime import datetime

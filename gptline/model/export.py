@@ -108,11 +108,10 @@ def export(model: Decoder, out_dir: Path, tokenizer_dir: Path | None, special_id
 
 
 def generation_config(special_ids: dict[str, int | None]) -> dict:
-    """Generation stops at the end of a turn (a chat model's answer) or at the end of a text (a base model's)."""
-    stops = list(
-        dict.fromkeys(special_ids[k] for k in ("end_of_turn", "end_of_text") if special_ids.get(k) is not None)
-    )
-    return {"bos_token_id": special_ids.get("bos"), "eos_token_id": stops, "pad_token_id": special_ids.get("pad")}
+    from gptline.data.chat import stop_ids
+
+    eos = stop_ids(special_ids)
+    return {"bos_token_id": special_ids.get("bos"), "eos_token_id": eos, "pad_token_id": special_ids.get("pad")}
 
 
 def export_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
