@@ -435,3 +435,43 @@ def test_transformers_text_generation_pipeline_answers_as_gptline_chat(sft_from_
     [result] = generator([{"role": "user", "content": question}], max_new_tokens=24, do_sample=False)
     theirs = result["generated_text"][-1]
     assert theirs["role"] == "assistant" and theirs["content"] == ours
+
+
+def test_continued_pretraining_tokenizes_with_the_imported_tokenizer_and_starts_from_its_weights(tmp_path,
+                                                                                                 ray_session):  # fmt: skip
+    from gptline.data.formats import INDEX_SUFFIX, TOKENS_SUFFIX, read_ipc
+    from pipeline.dag import StageResources
+    from stages import pretrain, tokenize
+    from tests.test_tokenizer import corpus, shakespeare_docs
+
+    docs = shakespeare_docs()[:400]
+    files = chatml_tokenizer(tmp_path, docs)
+    save_llama(tmp_path / "hf", files, len(json.loads(files["tokenizer.json"])["model"]["vocab"]))
+    base = imported(tmp_path / "hf", tmp_path / "import")
+    source, shards = corpus(tmp_path, docs), tmp_path / "tokenize"
+    shards.mkdir()
+    tokenize.run(typed(tokenize.TokenizeConfig, {}), {"crawl_mix": source, "tokenizer": base}, shards,
+                 StageContext("tokenize"))  # fmt: skip
+    template = ChatTemplate(base)
+    decoded = []
+    for tokens_file in sorted((shards / "train").glob(f"*{TOKENS_SUFFIX}")):
+        tokens = read_ipc(tokens_file).column("tokens").to_numpy()
+        index = read_ipc(Path(str(tokens_file).replace(TOKENS_SUFFIX, INDEX_SUFFIX)))
+        for start, length in zip(index.column("start").to_pylist(), index.column("length").to_pylist(), strict=True):
+            assert tokens[start + length - 1] == template.ids["end_of_text"]
+            decoded.append(template.sp.decode(tokens[start : start + length - 1].tolist()))
+    assert sorted(decoded) == sorted(docs)
+
+    # pretrain.model names another shape: the imported model's is the one trained; a vanishing learning rate leaves
+    # its weights where they started.
+    cfg = typed(pretrain.PretrainConfig, {"model": {"dim": 32, "n_layers": 1, "n_heads": 2}, "seq_len": 64, "steps": 1,
+                                          "batch_size": 4, "eval_every": 1, "eval_batches": 1, "sample_every": 1,
+                                          "sample_tokens": 4, "optim": {"lr": 1e-12, "warmup_steps": 0,
+                                                                         "weight_decay": 0.0}})  # fmt: skip
+    out = tmp_path / "pretrain"
+    out.mkdir()
+    inputs = {"tokenizer": base, "tokenize": shards, "base_model": base}
+    pretrain.run(cfg, inputs, out, StageContext("pretrain", resources=StageResources(num_workers=1), quiet=True))
+    before, after = load(base).state_dict(), load(out).state_dict()
+    assert before.keys() == after.keys()
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-8
