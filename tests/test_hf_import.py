@@ -32,6 +32,7 @@ LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "n
          "num_key_value_heads": 4, "max_position_embeddings": 160, "rms_norm_eps": 1e-5}  # fmt: skip
 SHAPES = {
     "multi-head": {},
+    "multi-head-sharded": {"max_shard_size": "200KB"},  # model.safetensors.index.json and its shards
     "grouped-query": {"num_key_value_heads": 2},
     "tied-embeddings": {"tie_word_embeddings": True},
     "odd-intermediate-size": {"intermediate_size": 97},
@@ -48,7 +49,8 @@ MISTRAL = fetch.ArchiveConfig(
 )
 
 
-def save_llama(directory: Path, tokenizer_files: dict[str, bytes], vocab_size: int, seed: int = 0, **overrides):
+def save_llama(directory: Path, tokenizer_files: dict[str, bytes], vocab_size: int, seed: int = 0,
+               max_shard_size: str | None = None, **overrides):  # fmt: skip
     """A random LlamaForCausalLM saved by transformers (norms away from 1, so a wrong mapping cannot hide)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -58,7 +60,7 @@ def save_llama(directory: Path, tokenizer_files: dict[str, bytes], vocab_size: i
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     for name, data in tokenizer_files.items():
         (directory / name).write_bytes(data)
     return model
@@ -104,6 +106,7 @@ def tok_files(tok) -> dict[str, bytes]:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_imported_llama_matches_transformers_and_round_trips_bit_for_bit(shape, tok_files, tmp_path):
     reference = save_llama(tmp_path / "hf", tok_files, 416, **SHAPES[shape])  # 16 spare embedding rows
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists() == ("sharded" in shape)
     ours = load(imported(tmp_path / "hf", tmp_path / "import")).eval()
     tokens = torch.randint(0, 416, (3, 50), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

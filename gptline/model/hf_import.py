@@ -75,6 +75,12 @@ class Source:
             f.seek(offset)
             return f.read(length)
 
+    def local_path(self, file: str) -> str | None:
+        """The file's path when it is on the local filesystem (read memory-mapped, not copied into memory)."""
+        import pyarrow.fs as pafs
+
+        return f"{self.root}/{file}" if isinstance(self.fs, pafs.LocalFileSystem) else None
+
     def json(self, file: str) -> Any:
         try:
             return json.loads(self.read(file))
@@ -375,14 +381,14 @@ def content_identity(uri: str) -> dict[str, Any]:
 
 def import_model(plan: ImportPlan, out_dir: Path) -> dict[str, Any]:
     """Write the model directory (see the module's docstring); returns a summary for the manifest."""
-    from safetensors.torch import load, save_file
+    from safetensors.torch import load, load_file, save_file
 
     source, cfg = plan.source, plan.model
     ids, added = _write_tokenizer(plan, out_dir)
     vocab = max(cfg.vocab_size, max(ids[t] for t in plan.added) + 1) if plan.added else cfg.vocab_size
     weights: dict[str, torch.Tensor] = {}
     for file in sorted({t.file for t in plan.tensors.values()}):
-        stored = load(source.read(file))
+        stored = load_file(source.local_path(file)) if source.local_path(file) else load(source.read(file))
         weights.update({name: tensor for name, tensor in stored.items() if name in plan.tensors})
     new_ids = torch.tensor(sorted(ids[t] for t in plan.added), dtype=torch.long)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -412,8 +418,7 @@ def _write_tokenizer(plan: ImportPlan, out_dir: Path) -> tuple[dict[str, int], d
     """The tokenizer file with our tokens added; returns the id of every token named in `plan.tokens`, and the
     tokens added after a sentencepiece model's pieces (which its file cannot hold) with their ids."""
     file = plan.tokenizer_file
-    (out_dir / file).write_bytes(plan.source.read(file))
-    backend, _ = _load_backend(plan.source, file, out_dir)
+    backend, _ = _load_backend(plan.source, file, out_dir)  # which writes the file there as it came
     added: dict[str, int] = {}
     if file == HF_TOKENIZER:
         from tokenizers import AddedToken
