@@ -236,7 +236,7 @@ def stop_ids(special_ids: dict[str, int | None]) -> list[int]:
     return list(dict.fromkeys(special_ids[k] for k in ("end_of_turn", "end_of_text") if special_ids.get(k) is not None))
 
 
-def _jinja_environment():
+def jinja_environment():
     """A sandboxed Jinja environment like the one transformers renders chat templates in."""
     from datetime import datetime
 
@@ -291,7 +291,7 @@ class ChatTemplate:
         self.jinja: str = meta.get("chat_template") or gptline_chat_template(self.tokens)
         self._rendered = None
         if "chat_template" in meta:
-            self._rendered = _jinja_environment().from_string(self.jinja)
+            self._rendered = jinja_environment().from_string(self.jinja)
             self._globals = {f"{name}_token": self.tokens.get(name) for name in ("bos", "unk", "pad")}
             self._globals["eos_token"] = self.tokens.get("end_of_text")
 
@@ -310,7 +310,7 @@ class ChatTemplate:
 
         from pipeline.errors import GptlineError
 
-        template = self._rendered or _jinja_environment().from_string(self.jinja)
+        template = self._rendered or jinja_environment().from_string(self.jinja)
         context = {} if self._rendered is None else self._globals
         try:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)

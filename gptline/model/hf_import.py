@@ -348,11 +348,11 @@ def _plan_tokens(plan: ImportPlan, backend: Any) -> None:
 
 
 def _template_end_of_turn(plan: ImportPlan, backend: Any) -> str:
-    from gptline.data.chat import _jinja_environment
+    from gptline.data.chat import jinja_environment
 
     context = {f"{name}_token": plan.tokens.get(name) for name in ("bos", "unk", "pad")}
     try:
-        text = _jinja_environment().from_string(plan.chat_template).render(messages=PROBE, add_generation_prompt=False,
+        text = jinja_environment().from_string(plan.chat_template).render(messages=PROBE, add_generation_prompt=False,
                                                                            eos_token=plan.tokens["end_of_text"],
                                                                            **context)  # fmt: skip
     except Exception as e:  # a template error of any kind: Jinja's, or raise_exception's
