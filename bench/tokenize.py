@@ -31,6 +31,7 @@ import ray
 import sentencepiece as spm
 from tokenizers import Tokenizer
 
+from gptline.data.tokenizer import load_tokenizer
 from pipeline.artifacts import Store
 from pipeline.config import typed
 from pipeline.dag import StageContext, StageResources
@@ -94,10 +95,12 @@ def main() -> None:
             sp.encode(text)
         return time.perf_counter() - start
 
+    stage_tokenizer = load_tokenizer(tokenizer_dir)
+
     def sentencepiece_pieces_loop() -> float:
         start = time.perf_counter()
         for text in texts:
-            tokenize.encode_document(sp, text)
+            tokenize.encode_document(stage_tokenizer, text, sp.eos_id())
         return time.perf_counter() - start
 
     def hf_batch() -> float:

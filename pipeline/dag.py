@@ -10,6 +10,15 @@ A stage function has the signature `run(cfg, inputs, out_dir, ctx) -> metrics`: 
 directory it writes into (it may already hold its own earlier partial work: `ctx.resumed` says so), and the
 returned dict of numbers goes into the manifest.
 
+An input may be chosen by config (`InputChoice`): the stage reads it under one name (its slot) whichever stage
+the config picks to fill it, so one recipe serves, say, a base model made by one stage or brought in by another. A
+run builds the stages its selection needs: by default the graph's ends (stages no stage can take as input) and,
+through the inputs the config chooses, what they need; a stage no chosen input reaches is not built. The edges of
+every possible choice must form a DAG, so any configuration's graph does. A stage whose config only names its
+input data (a path to files another tool wrote) says what its output really depends on with `identity`: the
+version hashes what that returns (the files' content, say) instead of the config, so the same files give one
+artifact wherever they lie, and changed files a new one.
+
 A stage that can stop early (`StageSpec.stops_on_request`, the training stages) polls `stop_requested(out_dir)`
 and, when it turns true, checkpoints and raises `StageStopped`. While such a stage runs, `stop_on_sigterm` turns a
 SIGTERM to its process (a preemption notice from Slurm, Kubernetes or a person) into that request instead of an
@@ -173,12 +182,41 @@ class StageContext:
 StageFn = Callable[[Any, dict[str, Path], Path, StageContext], Mapping[str, Any] | None]
 
 
+def config_value(config: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of a plain config tree (None where it is absent)."""
+    node: Any = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
+@dataclass(frozen=True)
+class InputChoice:
+    """An input whose producing stage the config picks. `cases` are (condition, stage) pairs tried in order: a
+    condition maps dotted config keys to values and holds when the config has them all; the first that holds picks
+    its stage, None meaning no input in this slot; when none holds, `default` does. The stage finds the chosen
+    artifact in its inputs under `slot`."""
+
+    slot: str
+    default: str | None
+    cases: tuple[tuple[Mapping[str, Any], str | None], ...] = ()
+
+    def stages(self) -> list[str]:
+        return [s for s in dict.fromkeys((self.default, *(stage for _, stage in self.cases))) if s is not None]
+
+    def chosen(self, config: Mapping[str, Any]) -> str | None:
+        for condition, stage in self.cases:
+            if all(config_value(config, key) == value for key, value in condition.items()):
+                return stage
+        return self.default
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
     run: StageFn
     config_class: type
-    inputs: tuple[str, ...] = ()
+    inputs: tuple[str | InputChoice, ...] = ()
     config_key: str = ""  # defaults to the stage name
     version: int = 1
     resources: StageResources = field(default_factory=StageResources)
@@ -187,10 +225,31 @@ class StageSpec:
     # What the run report shows of an artifact: `report(artifact_dir) -> [section, ...]`, plain data that
     # `pipeline/report.py` draws (line charts, grouped bars, tables).
     report: Callable[[Path], list[dict[str, Any]]] | None = None
+    # What the output is a function of when the config only names it: `identity(config subtree)` is hashed into
+    # the version instead of the subtree (and may raise a GptlineError for bad input, before anything runs).
+    identity: Callable[[Any], Any] | None = None
 
     @property
     def key(self) -> str:
         return self.config_key or self.name
+
+    def possible_inputs(self) -> list[str]:
+        """Every stage that can fill one of this stage's inputs, under any config, in declaration order."""
+        return list(dict.fromkeys(stage for i in self.inputs for stage in ([i] if isinstance(i, str) else i.stages())))
+
+    def slots(self, config: Mapping[str, Any]) -> dict[str, str]:
+        """Slot -> the stage that fills it under this config (a plain input is its own slot)."""
+        found = {}
+        for item in self.inputs:
+            if isinstance(item, str):
+                found[item] = item
+            elif (stage := item.chosen(config)) is not None:
+                found[item.slot] = stage
+        return found
+
+    def input_stages(self, config: Mapping[str, Any]) -> list[str]:
+        """The stages this stage takes input from under this config, each once, in declaration order."""
+        return list(dict.fromkeys(self.slots(config).values()))
 
 
 def load_registry(ref: str) -> list[StageSpec]:
@@ -221,7 +280,7 @@ class DAG:
                 raise DagError(f"stage {spec.name!r} is registered twice")
             self.specs[spec.name] = spec
         for spec in self.specs.values():
-            for name in spec.inputs:
+            for name in spec.possible_inputs():
                 if name not in self.specs:
                     raise DagError(f"stage {spec.name!r} takes input {name!r}, which is not a registered stage")
         self.order = self._toposort()
@@ -237,7 +296,7 @@ class DAG:
                 cycle = [*path[path.index(name) :], name]
                 raise DagError("the stage graph has a cycle: " + " -> ".join(cycle))
             state[name] = "visiting"
-            for dep in self.specs[name].inputs:
+            for dep in self.specs[name].possible_inputs():
                 visit(dep, [*path, name])
             state[name] = "done"
             order.append(name)
@@ -255,36 +314,51 @@ class DAG:
                 known = ", ".join(self.order) or "(none registered)"
                 raise DagError(f"unknown stage {name!r}; known stages: {known}")
 
-    def ancestors(self, name: str) -> set[str]:
+    def ancestors(self, name: str, config: Mapping[str, Any]) -> set[str]:
+        """The stages `name` needs under this config, directly or through others."""
         found: set[str] = set()
-        stack = list(self.specs[name].inputs)
+        stack = self.specs[name].input_stages(config)
         while stack:
             dep = stack.pop()
             if dep not in found:
                 found.add(dep)
-                stack.extend(self.specs[dep].inputs)
+                stack.extend(self.specs[dep].input_stages(config))
         return found
 
-    def select(self, until: Iterable[str] = (), only: Iterable[str] = ()) -> list[str]:
-        """The stages to execute, in order: everything; or the named stages plus what they need (`until`);
-        or exactly the named stages (`only`), whose inputs must then already be committed."""
+    def ends(self) -> list[str]:
+        """The stages no stage can take as input, under any config."""
+        consumed = set().union(*(spec.possible_inputs() for spec in self.specs.values()))
+        return [name for name in self.order if name not in consumed]
+
+    def select(self, until: Iterable[str] = (), only: Iterable[str] = (),
+               config: Mapping[str, Any] | None = None) -> list[str]:  # fmt: skip
+        """The stages to execute, in order: the graph's ends and what they need (everything); or the named stages
+        plus what they need (`until`); or exactly the named stages (`only`), whose inputs must then already be
+        committed. What a stage needs follows the inputs `config` chooses."""
         until, only = list(until), list(only)
         self.check_known(until + only)
         if until and only:
             raise DagError("choose either --until or --only, not both")
+        config = config or {}
         if only:
             chosen = set(only)
-        elif until:
-            chosen = set(until).union(*(self.ancestors(n) for n in until))
         else:
-            chosen = set(self.order)
+            targets = until or self.ends()
+            chosen = set(targets).union(*(self.ancestors(n, config) for n in targets))
         return [name for name in self.order if name in chosen]
 
-    def versions(self, configs: Mapping[str, Any]) -> dict[str, str]:
-        """Every stage's artifact version, from the resolved config subtrees keyed by config key."""
+    def versions(self, configs: Mapping[str, Any], stages: Iterable[str] | None = None) -> dict[str, str]:
+        """The artifact version of each of `stages` (default: every stage the config's ends need) and of what they
+        need, from the resolved config subtrees keyed by config key."""
+        wanted = set(self.select(config=configs) if stages is None else stages)
+        wanted |= set().union(*(self.ancestors(name, configs) for name in wanted))
         versions: dict[str, str] = {}
         for name in self.order:
+            if name not in wanted:
+                continue
             spec = self.specs[name]
-            inputs = {dep: versions[dep] for dep in spec.inputs}
-            versions[name] = artifact_version(name, spec.version, configs.get(spec.key), inputs)
+            inputs = {dep: versions[dep] for dep in spec.input_stages(configs)}
+            subtree = configs.get(spec.key)
+            identity = spec.identity(subtree) if spec.identity is not None else subtree
+            versions[name] = artifact_version(name, spec.version, identity, inputs)
         return versions

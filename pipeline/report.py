@@ -261,12 +261,13 @@ def build_html(store: Store, dag: DAG, run_id: str, scratch: Path) -> str:
         summary_rows.append([stage, version, state, f"{node['seconds']:.1f} s" if node.get("seconds") else "",
                              " ".join(f"{k}={fmt(metrics[k])}" for k in headline)])  # fmt: skip
         sections.append(stage_section(store, dag, stage, version, node, scratch))
-    lineage = lineage_svg([(s, v, n.get("state", "pending")) for s, v, n in nodes],
-                          {s: dag.specs[s].inputs for s, _, _ in nodes if s in dag})  # fmt: skip
     try:
-        config = json.dumps(record.config(), indent=2)
+        recorded = record.config()
+        config = json.dumps(recorded, indent=2)
     except (FileNotFoundError, OSError):
-        config = "(no config recorded)"
+        recorded, config = {}, "(no config recorded)"
+    lineage = lineage_svg([(s, v, n.get("state", "pending")) for s, v, n in nodes],
+                          {s: dag.specs[s].input_stages(recorded) for s, _, _ in nodes if s in dag})  # fmt: skip
     overrides = " ".join(meta.get("overrides", [])) or "(none)"
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.get("created", 0)))
     return f"""<!doctype html>

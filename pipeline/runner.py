@@ -122,6 +122,7 @@ class NodeJob:
     version: str
     config: Any  # the stage's resolved config subtree (plain data)
     inputs: dict[str, str]  # input stage -> version
+    slots: dict[str, str]  # the name the stage reads each input under -> the input stage
     resources: StageResources
     tracking: dict[str, Any]
     verify: str
@@ -295,7 +296,8 @@ def _run_stage(
 ) -> dict[str, Any]:
     stage, version = job.spec.name, job.version
     artifacts = {name: store.load(name, ver, verify=job.verify) for name, ver in job.inputs.items()}
-    inputs = {name: store.localize(artifact, scratch) for name, artifact in artifacts.items()}
+    local = {name: store.localize(artifact, scratch) for name, artifact in artifacts.items()}
+    inputs = {slot: local[name] for slot, name in job.slots.items()}
     workdir, outcome.resumed = store.open_workdir(stage, version, scratch)
     if outcome.resumed:
         print(f"[{stage}] resuming from partial work in {workdir}")
@@ -319,7 +321,7 @@ def _run_stage(
         log=tracker.log,
         save_partial=lambda: store.save_partial(stage, version, workdir),
         map=RayMap(stage, job.resources, job.progress),
-        mirror=store.mirror(stage, version, workdir, {inputs[name]: artifacts[name] for name in artifacts}),
+        mirror=store.mirror(stage, version, workdir, {local[name]: artifacts[name] for name in artifacts}),
     )
     stoppable = stop_on_sigterm(workdir, stage, ctx.mirror) if job.spec.stops_on_request else contextlib.nullcontext()
     try:
@@ -396,7 +398,9 @@ class Runner:
         unselected = sorted(self.rebuild - set(selection))
         if unselected:
             raise DagError(f"--rebuild {' '.join(unselected)}: not in this run's selection")
-        self.versions = dag.versions({spec.key: config.get(spec.key) for spec in dag.specs.values()})
+        # What the choices of inputs and the versions are read from: each stage's config subtree by its key.
+        self.configs = {spec.key: config.get(spec.key) for spec in dag.specs.values()}
+        self.versions = dag.versions(self.configs, selection)
         self.scratch = Path(config["run"]["scratch_dir"]).expanduser()
         self.record = RunRecord(store, run_id, self.scratch)
         self.quiet = config["run"]["quiet"]
@@ -407,7 +411,7 @@ class Runner:
         plans = []
         for name in self.selection:
             version = self.versions[name]
-            for dep in self.dag.specs[name].inputs:
+            for dep in self.dag.specs[name].input_stages(self.configs):
                 if dep not in self.selection and not self.store.is_committed(dep, self.versions[dep]):
                     raise DagError(
                         f"stage {name!r} needs input {dep!r} (version {self.versions[dep]}), which is not "
@@ -431,7 +435,8 @@ class Runner:
             spec=spec,
             version=self.versions[name],
             config=self.config.get(spec.key),
-            inputs={dep: self.versions[dep] for dep in spec.inputs},
+            inputs={dep: self.versions[dep] for dep in spec.input_stages(self.configs)},
+            slots=spec.slots(self.configs),
             resources=typed(StageResources, self.config["cluster"]["resources"].get(name, {})),
             tracking=self.config["tracking"],
             verify=self.config["store"]["verify"],
@@ -494,7 +499,8 @@ class Runner:
                 self.say(f"{plan.stage:<12} {plan.version}  {state}")
                 results[plan.stage] = NodeOutcome(plan.stage, plan.version, state)
                 continue
-            upstream = [results.get(dep, NodeOutcome(dep, self.versions[dep], "reused")) for dep in spec.inputs]
+            upstream = [results.get(dep, NodeOutcome(dep, self.versions[dep], "reused"))
+                        for dep in spec.input_stages(self.configs)]  # fmt: skip
             job = dataclasses.replace(self._job(plan.stage), rebuild=plan.action == "rebuild")
             self.record.set_node(plan.stage, state="pending", version=plan.version, error="")
             ref = task.options(
@@ -533,7 +539,7 @@ class Runner:
         try:
             return ray.get(ref)
         except (ray.exceptions.RayError, GptlineError) as e:
-            broken = [dep for dep in self.dag.specs[stage].inputs if dep in failed]
+            broken = [dep for dep in self.dag.specs[stage].input_stages(self.configs) if dep in failed]
             error = f"not run: input {broken[0]!r} failed" if broken else _one_line(e)
             if isinstance(e, ray.exceptions.TaskCancelledError):
                 error = "cancelled: the run was stopped by SIGTERM"

@@ -2,13 +2,32 @@
 
 Each stage module defines a config dataclass, a VERSION and a `run(cfg, inputs, out_dir, ctx)` function; this
 registry is what `gptline run` executes.
+
+The config group `base_model` picks where the base model and the tokenizer come from. With `base_model=hf`, the
+`import` stage's artifact fills the "tokenizer" input of tokenize, pretrain and sft, and the "pretrain" input (the
+base model) of sft and evaluate; the tokenizer and pretrain stages are then not built, unless
+`base_model.continue_pretraining=true` has pretrain continue the imported model (its "base_model" input) and sft
+start from that.
 """
 
-from pipeline.dag import StageResources, StageSpec
-from stages import crawl_mix, evaluate, fetch, ppo, pretrain, rm, sft, tokenize, tokenizer
+from pipeline.dag import InputChoice, StageResources, StageSpec
+from stages import crawl_mix, evaluate, fetch, import_hf, ppo, pretrain, rm, sft, tokenize, tokenizer
+
+IMPORTED = {"base_model.source": "hf"}
+TOKENIZER = InputChoice("tokenizer", "tokenizer", ((IMPORTED, "import"),))
+BASE_MODEL = InputChoice("pretrain", "pretrain", (({**IMPORTED, "base_model.continue_pretraining": False}, "import"),))
+CONTINUED = InputChoice("base_model", None, (({**IMPORTED, "base_model.continue_pretraining": True}, "import"),))
 
 REGISTRY: list[StageSpec] = [
     StageSpec("fetch", fetch.run, fetch.FetchConfig, version=fetch.VERSION),
+    StageSpec(
+        "import",
+        import_hf.run,
+        import_hf.BaseModelConfig,
+        config_key="base_model",
+        version=import_hf.VERSION,
+        identity=import_hf.identity,
+    ),
     StageSpec(
         "crawl_mix",
         crawl_mix.run,
@@ -32,7 +51,7 @@ REGISTRY: list[StageSpec] = [
         "tokenize",
         tokenize.run,
         tokenize.TokenizeConfig,
-        inputs=("crawl_mix", "tokenizer"),
+        inputs=("crawl_mix", TOKENIZER),
         version=tokenize.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
@@ -42,7 +61,7 @@ REGISTRY: list[StageSpec] = [
         "pretrain",
         pretrain.run,
         pretrain.PretrainConfig,
-        inputs=("tokenizer", "tokenize"),
+        inputs=(TOKENIZER, "tokenize", CONTINUED),
         version=pretrain.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
@@ -53,7 +72,7 @@ REGISTRY: list[StageSpec] = [
         "sft",
         sft.run,
         sft.SFTConfig,
-        inputs=("pretrain", "tokenizer", "fetch"),
+        inputs=(BASE_MODEL, TOKENIZER, "fetch"),
         version=sft.VERSION,
         resources=StageResources(num_workers=2, cpus_per_worker=1.0),
         starts_workers=True,
@@ -86,7 +105,7 @@ REGISTRY: list[StageSpec] = [
         "evaluate",
         evaluate.run,
         evaluate.EvaluateConfig,
-        inputs=("pretrain", "sft", "rm", "ppo", "tokenize"),
+        inputs=(BASE_MODEL, "sft", "rm", "ppo", "tokenize"),
         version=evaluate.VERSION,
         resources=StageResources(num_cpus=2.0),  # one process; torch uses this many threads
         report=evaluate.report,

@@ -10,19 +10,22 @@ optionally with activation checkpointing or compiled blocks), next-token loss on
 validation loss on the held-out shards, samples from `sample_prompts`, MFU (6N plus the attention term, against the
 configured peak or, on CPU, the measured fp32 matmul peak), and the export: consolidated fp32 weights
 (`model.safetensors`) with a Hugging Face config and tokenizer beside them. The training library does the rest
-(`gptline/training`: the worker, checkpoints with exact resume, the loss guard, the log).
+(`gptline/training`: the worker, checkpoints with exact resume, the loss guard, the log). With a "base_model" input
+(an imported model, `base_model.continue_pretraining=true`) training continues from its weights, with its shape
+instead of `pretrain.model`'s.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gptline.model.export import export
+from gptline.data.tokenizer import load_tokenizer
+from gptline.model.export import export, load
 from gptline.model.generate import SamplingConfig, generate
 from gptline.model.gpt import GPT, ModelConfig
 from gptline.training.config import TrainConfig, micro_batch
@@ -78,9 +81,12 @@ def _check_inputs(cfg: PretrainConfig, tokens: Path, tokenizer: Path, world: int
 
 def run(cfg: PretrainConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext) -> dict[str, Any]:
     workers = ctx.resources.num_workers
+    base = inputs.get("base_model")
+    if base is not None:  # continued pretraining: the imported model's shape
+        cfg = replace(cfg, model=ModelConfig(**json.loads((base / "config.json").read_text())["gptline"]))
     meta, seq_len, micro = _check_inputs(cfg, inputs["tokenize"], inputs["tokenizer"], workers)
     recipe = PretrainRecipe(cfg, meta["vocab_size"], meta["special_ids"], str(inputs["tokenize"]),
-                            str(inputs["tokenizer"]), seq_len, micro)  # fmt: skip
+                            str(inputs["tokenizer"]), str(base or ""), seq_len, micro)  # fmt: skip
     # per worker, measured here while the cores are idle (inside a busy worker it would read low)
     peak = cfg.peak_flops or measured_peak_flops(worker_threads(ctx.resources.threads_per_worker, workers))
     schedule = Schedule.of(cfg, cfg.steps)
@@ -94,6 +100,7 @@ class PretrainRecipe:
     special_ids: dict[str, int]
     tokens: str
     tokenizer: str
+    base: str  # an imported model to continue from; "" for a fresh one
     seq_len: int
     micro_batch: int
 
@@ -101,7 +108,7 @@ class PretrainRecipe:
         return ModelConfig(**{**asdict(self.cfg.model), "vocab_size": self.vocab_size})
 
     def models(self) -> dict[str, TrainedModel]:
-        model = GPT(self.model_config())
+        model = load(Path(self.base)) if self.base else GPT(self.model_config())
         if self.cfg.activation_checkpointing:
             checkpoint_blocks(model)
         if self.cfg.compile:
@@ -121,8 +128,6 @@ class PretrainTask(NextTokenTask):
     """Next-token prediction on packed rows; validation loss on the held-out shards; samples from prompts."""
 
     def __init__(self, recipe: PretrainRecipe, engine, rank: int, world: int):
-        import sentencepiece as spm
-
         cfg, pad = recipe.cfg, recipe.special_ids["pad"]
         tokens, seq_len, micro = Path(recipe.tokens), recipe.seq_len, recipe.micro_batch
         train_rows = PackedLoader(TokenStream(tokens / "train"), micro, seq_len, rank, world, cfg.seed, pad)
@@ -132,7 +137,7 @@ class PretrainTask(NextTokenTask):
         super().__init__("pretrain", engine, train_rows, validation, cfg.eval_batches, cfg.grad_accum, cfg.guard, rank)
         self.cfg, self.end_of_text, self.pad = cfg, recipe.special_ids["end_of_text"], pad
         self.flops_per_token = flops_per_token(engine.module, seq_len)
-        self.sp = spm.SentencePieceProcessor(model_file=str(Path(recipe.tokenizer) / "tokenizer.model"))
+        self.sp = load_tokenizer(Path(recipe.tokenizer))
 
     def samples(self) -> list[str]:
         prompts = [self.sp.encode(p) for p in self.cfg.sample_prompts]

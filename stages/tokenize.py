@@ -2,14 +2,15 @@
 
 The Parquet shards of each split are grouped, in order, into tasks of about `task_bytes` (compressed bytes): a
 corpus of big shards gets one task per shard, a corpus of many small ones (the default) a few tasks of several
-shards each, so per-file and per-task overheads stay small. A task's documents are encoded with the sentencepiece
-model, each followed by the end-of-text id, into one token shard: a flat column (uint16 when the vocabulary fits,
+shards each, so per-file and per-task overheads stay small. A task's documents are encoded with the tokenizer (the
+tokenizer stage's, or an imported model's), each followed by the end-of-text id, into one token shard: a flat column (uint16 when the vocabulary fits,
 else uint32) written as a single record batch so training can memory-map it without copying, and a companion index
 file holding each document's start, length and source. The grouping depends only on the corpus and the config, so a
 resumed run plans the same tasks and skips those whose outputs exist.
-A document is encoded in word-aligned pieces of about `PIECE_CHARS` characters (see `word_aligned_pieces`), which
-gives exactly the ids of encoding it whole, about 1.3x faster: sentencepiece's BPE slows down per character as a text
-grows (its merge queue spans the whole text), and web documents run to 100k characters.
+With the tokenizer stage's model, a document is encoded in word-aligned pieces of about `PIECE_CHARS` characters
+(see `word_aligned_pieces`), which gives exactly the ids of encoding it whole, about 1.3x faster: sentencepiece's BPE
+slows down per character as a text grows (its merge queue spans the whole text), and web documents run to 100k
+characters. Another tokenizer encodes each document whole.
 Layout: `train/<first shard>.tokens.arrow`, `train/<first shard>.index.arrow`, the same under `validation/`, and
 `tokens.json` (vocabulary size, dtype, token counts per split and per source).
 """
@@ -27,9 +28,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import sentencepiece as spm
 
 from gptline.data.formats import INDEX_SUFFIX, TOKENS_SUFFIX, read_ipc, token_dtype, write_ipc
+from gptline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
@@ -53,7 +54,8 @@ class EncodeTask:
     split: str
     shards: list[str]  # consecutive Parquet shards of one split, encoded in order into one token shard
     target: str  # the output path without suffix
-    tokenizer: str
+    tokenizer: str  # its directory
+    end_of_text: int
     dtype: str
 
 
@@ -61,10 +63,11 @@ def encode_shards(task: EncodeTask) -> dict[str, Any]:
     """Encode one task's shards into one token shard; idempotent (an existing output is read back for its counts)."""
     tokens_path, index_path = Path(task.target + TOKENS_SUFFIX), Path(task.target + INDEX_SUFFIX)
     if not (tokens_path.exists() and index_path.exists()):
-        sp = _processor(task.tokenizer)
+        tokenizer = _tokenizer(task.tokenizer)
         table = pa.concat_tables(_read_text(shard) for shard in task.shards)
         # Python ints for one document at a time: a shard of a real crawl holds hundreds of millions of tokens.
-        documents = [np.array(encode_document(sp, text), dtype=task.dtype) for text in table.column("text").to_pylist()]
+        documents = [np.array(encode_document(tokenizer, text, task.end_of_text), dtype=task.dtype)
+                     for text in table.column("text").to_pylist()]  # fmt: skip
         lengths = np.array([len(d) for d in documents], dtype=np.int64)
         starts = np.cumsum(lengths) - lengths
         tokens = np.concatenate(documents) if documents else np.empty(0, dtype=task.dtype)
@@ -78,13 +81,13 @@ def encode_shards(task: EncodeTask) -> dict[str, Any]:
     return {"documents": index.num_rows, "tokens": sum(per_source.values()), "per_source": dict(per_source)}
 
 
-def encode_document(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
-    """The ids of `text` then end-of-text (the model's EOS; run checks it), one word-aligned piece per call
+def encode_document(tokenizer: Tokenizer, text: str, end_of_text: int) -> list[int]:
+    """The ids of `text` then end-of-text, one word-aligned piece per call when the tokenizer allows it
     (sentencepiece's batch call, on the one thread a task has, measured ~10% slower)."""
     ids: list[int] = []
-    for piece in word_aligned_pieces(text):
-        ids += sp.encode(piece)
-    ids.append(sp.eos_id())
+    for piece in word_aligned_pieces(text) if tokenizer.splits_at_spaces else [text]:
+        ids += tokenizer.encode(piece)
+    ids.append(end_of_text)
     return ids
 
 
@@ -116,9 +119,9 @@ def _read_text(shard: str) -> pa.Table:
 
 
 @functools.cache
-def _processor(model_file: str) -> spm.SentencePieceProcessor:
-    """One loaded model per worker process, reused by every shard it encodes."""
-    return spm.SentencePieceProcessor(model_file=model_file)
+def _tokenizer(directory: str) -> Tokenizer:
+    """One loaded tokenizer per worker process, reused by every shard it encodes."""
+    return load_tokenizer(Path(directory))
 
 
 @dataclass
@@ -142,23 +145,21 @@ def run(cfg: TokenizeConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
     corpus, tokenizer = inputs["crawl_mix"], inputs["tokenizer"]
     meta = json.loads((tokenizer / "tokenizer_meta.json").read_text())
     dtype = token_dtype(meta["vocab_size"])
-    model_file = str(tokenizer / "tokenizer.model")
-    if meta["special_ids"]["end_of_text"] != _processor(model_file).eos_id():
-        raise GptlineError(f"{model_file}: end-of-text is not the model's EOS id (tokenizer_meta.json disagrees)")
+    end_of_text = meta["special_ids"]["end_of_text"]
     groups = [(split, group) for split in SPLITS
               for group in group_by_size(sorted((corpus / split).glob("*.parquet")), cfg.task_bytes)]  # fmt: skip
     # Largest first (LPT): a shard bigger than task_bytes is a task of its own, and one of those handed out last
     # would leave the other workers idle while it runs. Each task writes its own files; the order is free.
     groups.sort(key=lambda split_group: -split_group[1].bytes)
-    tasks = [EncodeTask(split, [str(s) for s in group.shards], str(out_dir / split / group.shards[0].stem), model_file,
-                        dtype) for split, group in groups]  # fmt: skip
+    tasks = [EncodeTask(split, [str(s) for s in group.shards], str(out_dir / split / group.shards[0].stem),
+                        str(tokenizer), end_of_text, dtype) for split, group in groups]  # fmt: skip
     if not any(task.split == "train" for task in tasks):
         raise GptlineError(f"{corpus / 'train'}: no Parquet shards to tokenize")
     results = ctx.map(encode_shards, tasks, desc="encode")
     summary: dict[str, Any] = {
         "vocab_size": meta["vocab_size"],
         "dtype": dtype,
-        "end_of_text": meta["special_ids"]["end_of_text"],
+        "end_of_text": end_of_text,
     }
     for split in SPLITS:
         mine = [r for task, r in zip(tasks, results, strict=True) if task.split == split]

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import sentencepiece as spm
 
 from gptline.data.dedup import unit_hash
+from gptline.data.tokenizer import GPTLINE_TOKENS
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
@@ -40,15 +41,15 @@ MODEL_TYPES = ("bpe", "char", "unigram")
 
 @dataclass
 class SpecialTokens:
-    unk: str = "<unk>"
-    bos: str = "<s>"
-    end_of_text: str = "</s>"  # separates documents in packed rows; the EOS of generation
-    pad: str = "<pad>"
-    system: str = "<|system|>"
-    user: str = "<|user|>"
-    assistant: str = "<|assistant|>"
-    end_of_turn: str = "<|end|>"
-    reward: str = "<|reward|>"  # the RM reads its scalar here
+    unk: str = GPTLINE_TOKENS["unk"]
+    bos: str = GPTLINE_TOKENS["bos"]
+    end_of_text: str = GPTLINE_TOKENS["end_of_text"]
+    pad: str = GPTLINE_TOKENS["pad"]
+    system: str = GPTLINE_TOKENS["system"]
+    user: str = GPTLINE_TOKENS["user"]
+    assistant: str = GPTLINE_TOKENS["assistant"]
+    end_of_turn: str = GPTLINE_TOKENS["end_of_turn"]
+    reward: str = GPTLINE_TOKENS["reward"]
 
     def chat(self) -> list[str]:
         return [self.system, self.user, self.assistant, self.end_of_turn, self.reward]

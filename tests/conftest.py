@@ -9,13 +9,17 @@ through RAY_ADDRESS.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.fs as pafs
 import pytest
+
+from tests.cluster import BIN, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = "tests.parquet_stages:REGISTRY"
@@ -114,3 +118,28 @@ def template(tok: Path):
     from gptline.data.chat import ChatTemplate
 
     return ChatTemplate(tok)
+
+
+@pytest.fixture
+def s3_store(monkeypatch):
+    """An S3 server on this machine (moto's) with an empty bucket: the store URI every node and process opens."""
+    [port] = free_ports(1)
+    server = subprocess.Popen([str(BIN / "moto_server"), "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    for name, value in (("AWS_ACCESS_KEY_ID", "gptline"), ("AWS_SECRET_ACCESS_KEY", "gptline"),
+                        ("AWS_EC2_METADATA_DISABLED", "true")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "moto_server did not start"
+            time.sleep(0.3)
+    uri = f"s3://gptline/store?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    bucket, _ = pafs.FileSystem.from_uri(uri + "&allow_bucket_creation=true")
+    bucket.create_dir("gptline")
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)

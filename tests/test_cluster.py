@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from pipeline.artifacts import Store
-from tests.cluster import BIN, TwoNodeCluster, free_ports
+from tests.cluster import TwoNodeCluster
 from tests.conftest import CONFIG_DIR, REGISTRY, ROOT
 from tests.s3_training import INPUT_VERSIONS
 from tests.test_pretrain import inputs  # noqa: F401 (a fixture)
@@ -143,31 +142,6 @@ def test_sigterm_to_submit_stops_the_job_gracefully_and_resume_finishes_it(clust
 
 def run_id_of_store(store: Path) -> str:
     return sorted(p.name for p in (store / "runs").iterdir())[-1]
-
-
-@pytest.fixture
-def s3_store(monkeypatch):
-    """An S3 server on this machine (moto's) with an empty bucket: the store URI every node and process opens."""
-    [port] = free_ports(1)
-    server = subprocess.Popen([str(BIN / "moto_server"), "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
-    for name, value in (("AWS_ACCESS_KEY_ID", "gptline"), ("AWS_SECRET_ACCESS_KEY", "gptline"),
-                        ("AWS_EC2_METADATA_DISABLED", "true")):  # fmt: skip
-        monkeypatch.setenv(name, value)
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.time() < deadline and server.poll() is None, "moto_server did not start"
-            time.sleep(0.3)
-    uri = f"s3://gptline/store?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    bucket, _ = pafs.FileSystem.from_uri(uri + "&allow_bucket_creation=true")
-    bucket.create_dir("gptline")
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
 
 
 def train_on_cluster(cluster: TwoNodeCluster, store_uri: str, version: str, fault_dir: Path, tmp_path: Path,

@@ -2,9 +2,13 @@
 
 `chat` reads user turns from standard input (a terminal or a pipe), keeps the conversation as messages and renders
 it with the chat template every turn (the one sft, rm and ppo use), dropping the oldest turns when the prompt and
-the answer would not fit the model's context. The answer is streamed as it is sampled: the answer so far is decoded
-after each token and only the new text is printed, so multi-byte characters never print half. EOF or Ctrl-C ends
-the session cleanly. `sample` continues a plain-text prompt with a base (pretrained) model until end-of-text.
+the answer would not fit the model's context. An answer ends at the end-of-turn token or at end-of-text (the EOS
+tokens of the export's generation_config.json, where servers stop too). On a terminal the answer is streamed as it
+is sampled: the answer so far is decoded after each token and only the new text is printed, so multi-byte
+characters never print half. When standard output is not a terminal (a pipe, a file), each answer is printed whole
+once complete, exactly as decoded: a stream cannot take back text that a later byte token turns into replacement
+characters. EOF or Ctrl-C ends the session cleanly. `sample` continues a plain-text prompt with a base (pretrained)
+model until end-of-text, printed the same way.
 Sampling flags: temperature, top-k, top-p, max new tokens, and a seed (one generator for the session, so the same
 seed and the same input give the same conversation).
 """
@@ -17,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from gptline.data.chat import ChatTemplate, Message
+from gptline.data.chat import ChatTemplate, Message, stop_ids
 from gptline.model.export import load
 from gptline.model.generate import SamplingConfig, generate
 
@@ -84,6 +88,7 @@ def run_chat(args) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     messages: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
+    live = sys.stdout.isatty()
     try:
         while True:
             if interactive:
@@ -99,11 +104,12 @@ def run_chat(args) -> int:
                 messages = []
                 continue
             print("model> ", end="", flush=True)
-            [answer] = generate(model, [template.prompt(messages)], sampling, stop_ids=[template.end_of_turn],
+            [answer] = generate(model, [template.prompt(messages)], sampling, stop_ids=stop_ids(template.ids),
                                 pad_id=template.ids["pad"], generator=generator,
-                                on_step=stream(template.decode))  # fmt: skip
-            print(flush=True)
-            messages.append({"role": "assistant", "content": template.decode(answer)})
+                                on_step=stream(template.decode) if live else None)  # fmt: skip
+            text = template.decode(answer)
+            print("" if live else text, flush=True)
+            messages.append({"role": "assistant", "content": text})
     except KeyboardInterrupt:
         print(flush=True)
     return 0
@@ -117,9 +123,15 @@ def run_sample(args) -> int:
     ]
     print(args.prompt, end="", flush=True)
     end = template.ids["end_of_text"]
+    live = sys.stdout.isatty()
+
+    def decode(ids: list[int]) -> str:
+        return template.sp.decode([i for i in ids if i != end])
+
+    continuation: list[list[int]] = [[]]
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the sample, not with a traceback
-        generate(model, [prompt], sampling, stop_ids=[end], pad_id=template.ids["pad"],
-                 generator=torch.Generator().manual_seed(args.seed),
-                 on_step=stream(lambda ids: template.sp.decode([i for i in ids if i != end])))  # fmt: skip
-    print(flush=True)
+        continuation = generate(model, [prompt], sampling, stop_ids=[end], pad_id=template.ids["pad"],
+                                generator=torch.Generator().manual_seed(args.seed),
+                                on_step=stream(decode) if live else None)  # fmt: skip
+    print("" if live else decode(continuation[0]), flush=True)
     return 0

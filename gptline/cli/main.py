@@ -9,6 +9,7 @@
     gptline report [RUN_ID]
     gptline submit [OVERRIDE ...] --address http://HEAD:8265 [--no-wait]
     gptline tune SPEC.yaml [OVERRIDE ...]
+    gptline import PATH [OVERRIDE ...]
     gptline plan --model llama-65b --tokens 1.4e12 --gpus 2048 [--gpu a100-80gb --zero 3 --mfu 0.4]
 
 Overrides are Hydra's (`pretrain.lr=3e-4`, `cluster=remote`, `-m ppo.lr=1e-6,3e-6`). User errors print one line
@@ -94,15 +95,15 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 def _start_run(args: argparse.Namespace, dag: DAG, overrides: list[str], config: dict) -> tuple[str, bool, Store]:
     store = Store(config["store"]["root"])
-    selection = dag.select(args.until or (), args.only or ())
+    selection = dag.select(args.until or (), args.only or (), config)
     run_id = args.run_id or new_run_id()
+    rebuild = tuple(getattr(args, "rebuild", None) or ())
+    dag.check_known(rebuild)
+    runner = Runner(dag, config, store, selection, run_id, rebuild)  # bad input data fails here, before any write
     if not args.dry_run:
         store.check_writable()
         if args.run_id and store.exists(store.path("runs", run_id)):
             raise GptlineError(f"--run-id {run_id}: a run with this id is already in {store.uri}")
-    rebuild = tuple(getattr(args, "rebuild", None) or ())
-    dag.check_known(rebuild)
-    runner = Runner(dag, config, store, selection, run_id, rebuild)
     plans = runner.plan()
     print(f"plan for run {run_id} (store {store.uri}):")
     print(_table([[p.stage, p.version, p.action] for p in plans], ["stage", "version", "action"]))
@@ -322,6 +323,27 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def hydra_quoted(value: str) -> str:
+    """`value` as a quoted string of Hydra's override grammar (a URI's '=', '&' or ',' would be syntax)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """The Hugging Face model at PATH as a committed `import` artifact: a run of that one stage, with
+    `base_model=hf base_model.path=PATH`. Its version is the hash of the files, so importing them again, or running
+    with the same base_model settings, reuses it."""
+    specs = load_registry(args.registry)
+    overrides = ["base_model=hf", f"base_model.path={hydra_quoted(args.path)}", *args.overrides]
+    config = compose_config(specs, overrides, Path(args.config_dir))
+    args.only, args.until, args.run_id, args.dry_run = ["import"], None, None, False
+    run_id, ok, store = _start_run(args, DAG(specs), overrides, config)
+    node = RunRecord(store, run_id, Path(".")).node("import")
+    if ok:
+        print(f"imported {args.path} as import/{node['version']}: start from it with base_model=hf "
+              f"base_model.path={hydra_quoted(args.path)}")  # fmt: skip
+    return 0 if ok else 1
+
+
 def _duration(node: dict[str, Any]) -> str:
     return f"{node['seconds']:.1f} s" if node.get("seconds") else ""
 
@@ -496,6 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     submit.set_defaults(func=cmd_submit)
 
+    import_cmd = sub.add_parser(
+        "import",
+        parents=[common, pipeline_opts],
+        help="a Llama-architecture Hugging Face model (directory or object-store URI) as an artifact",
+        usage="gptline import PATH [OVERRIDE ...]   (store.root=... as for run)",
+    )
+    import_cmd.add_argument("path", help="a Hugging Face model directory, or an object-store URI (s3://...)")
+    import_cmd.set_defaults(func=cmd_import)
+
     resume = sub.add_parser("resume", parents=[common, store_opt], help="continue a failed or interrupted run")
     resume.add_argument("run_id")
     resume.set_defaults(func=cmd_resume)
@@ -558,7 +589,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Overrides may stand before, between or after options, so they are whatever argparse does not know.
     args, extra = parser.parse_known_args(argv)
     unknown_options = [a for a in extra if a.startswith("-")]
-    if unknown_options or (extra and args.command not in ("run", "submit", "tune")):
+    if unknown_options or (extra and args.command not in ("run", "submit", "tune", "import")):
         parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
     # `--only ppo ppo.iterations=3`: nargs="+" swallows the override; stage names never hold "=".
     for option in ("only", "until", "rebuild"):

@@ -209,23 +209,118 @@ def read_comparisons(patterns: list[str], key: str, skipped: Skipped) -> list[Co
 
 
 # ---- the template ------------------------------------------------------------------------------------------------
+GPTLINE_TEMPLATE = (
+    "{% for message in messages %}{{ roles[message['role']] }}{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] }}{{ end }}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{{ end }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ roles['assistant'] }}{% endif %}"
+)
+
+
+def gptline_chat_template(tokens: dict[str, str | None]) -> str:
+    """The Jinja source of gptline's template for these token strings: rendered by transformers and tokenized by
+    the tokenizer's `tokenizer.json`, it gives the ids `ChatTemplate.encode` and `prompt` give. Assistant turns
+    sit in `{% generation %}` blocks, so transformers' `return_assistant_tokens_mask` (TRL's assistant-only loss)
+    marks exactly the tokens `encode` trains."""
+    roles = json.dumps({role: tokens[role] for role in ROLES})
+    return (
+        f"{{% set roles = {roles} %}}{{% set end = {json.dumps(tokens['end_of_turn'])} %}}"
+        + (f"{{{{ {json.dumps(tokens['bos'])} }}}}" if tokens.get("bos") else "")
+        + GPTLINE_TEMPLATE
+    )
+
+
+def stop_ids(special_ids: dict[str, int | None]) -> list[int]:
+    """Where generation stops: the end of a turn (a chat model's answer) or of a text (a base model's); what the
+    export's generation_config.json names as EOS, so servers stop where `gptline chat` does."""
+    return list(dict.fromkeys(special_ids[k] for k in ("end_of_turn", "end_of_text") if special_ids.get(k) is not None))
+
+
+def jinja_environment():
+    """A sandboxed Jinja environment like the one transformers renders chat templates in."""
+    from datetime import datetime
+
+    from jinja2 import nodes
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` marks what the model generates; rendering ignores it."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, "jinja2.ext.loopcontrols"])  # fmt: skip
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
 class ChatTemplate:
-    """Messages to token ids with the tokenizer's role tokens (the ids come from `tokenizer_meta.json`)."""
+    """Messages to token ids with the tokenizer's role tokens (the ids come from `tokenizer_meta.json`).
+
+    A tokenizer artifact of the tokenizer stage is encoded here by ids: the role token, the content's pieces, the
+    end-of-turn token. A tokenizer that came with an imported model has a Jinja chat template in its
+    `tokenizer_meta.json` (the model's own, or gptline's for its added tokens): a conversation is rendered with it
+    and the text tokenized with special tokens matched, exactly as transformers does; the tokens trained are those of
+    each assistant turn's text up to and including its end-of-turn token, found by rendering the conversation up to
+    that turn (which the template must render as a prefix of the whole)."""
 
     def __init__(self, tokenizer_dir: Path):
-        import sentencepiece as spm
+        from gptline.data.tokenizer import META, load_tokenizer
 
-        meta = json.loads((Path(tokenizer_dir) / "tokenizer_meta.json").read_text())
+        self.directory = Path(tokenizer_dir)
+        meta = json.loads((self.directory / META).read_text())
         self.ids: dict[str, int] = meta["special_ids"]
-        self.sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer_dir) / "tokenizer.model"))
+        self.tokens: dict[str, str | None] = meta["special_tokens"]
+        self.sp = load_tokenizer(self.directory)  # the tokenizer (any kind): encode, decode
         self.role_ids = {"system": self.ids["system"], "user": self.ids["user"], "assistant": self.ids["assistant"]}
+        self.jinja: str = meta.get("chat_template") or gptline_chat_template(self.tokens)
+        self._rendered = None
+        if "chat_template" in meta:
+            self._rendered = jinja_environment().from_string(self.jinja)
+            self._globals = {f"{name}_token": self.tokens.get(name) for name in ("bos", "unk", "pad")}
+            self._globals["eos_token"] = self.tokens.get("end_of_text")
 
     @property
     def end_of_turn(self) -> int:
         return self.ids["end_of_turn"]
 
+    @property
+    def own_template(self) -> bool:
+        """True when the model's own Jinja template decides the token sequence, not gptline's role tokens."""
+        return self.jinja != gptline_chat_template(self.tokens)
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+        """The conversation as text through the Jinja template (what transformers' apply_chat_template renders)."""
+        from jinja2.exceptions import TemplateError
+
+        from pipeline.errors import GptlineError
+
+        template = self._rendered or jinja_environment().from_string(self.jinja)
+        context = {} if self._rendered is None else self._globals
+        try:
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+        except TemplateError as e:
+            raise GptlineError(f"{self.directory}: the chat template refuses the conversation: {e}") from e
+
     def encode(self, messages: list[Message]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids, and a mask of the tokens the model learns to produce (assistant content and its end)."""
+        if self._rendered is not None:
+            return self._encode_rendered(messages)
         ids, trained = [self.ids["bos"]], [False]
         for message in messages:
             content = self.sp.encode(message["content"])
@@ -234,8 +329,34 @@ class ChatTemplate:
             trained += [False] + [learn] * (len(content) + 1)
         return np.array(ids, dtype=np.int64), np.array(trained, dtype=bool)
 
+    def _encode_rendered(self, messages: list[Message]) -> tuple[np.ndarray, np.ndarray]:
+        from pipeline.errors import GptlineError
+
+        text = self.render(messages)
+        ids, starts = self.sp.encode_rendered(text)
+        trained = np.zeros(len(ids), dtype=bool)
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, through = (
+                self.render(messages[:turn], add_generation_prompt=True),
+                self.render(messages[: turn + 1]),
+            )
+            if not (text.startswith(before) and text.startswith(through)):
+                raise GptlineError(f"{self.directory}: the chat template does not render a conversation's first "
+                                   f"turns as a prefix of the whole (turn {turn}); its assistant tokens cannot be "
+                                   "found")  # fmt: skip
+            for k, start in enumerate(starts):
+                if len(before) <= start < len(through):
+                    trained[k] = True
+                    if ids[k] == self.end_of_turn:
+                        break
+        return np.array(ids, dtype=np.int64), trained
+
     def prompt(self, messages: list[Message]) -> list[int]:
         """The generation prompt: the conversation so far, then the assistant's role token."""
+        if self._rendered is not None:
+            return self.sp.encode_rendered(self.render(messages, add_generation_prompt=True))[0]
         return [*self.encode(messages)[0].tolist(), self.ids["assistant"]]
 
     def reward_input(self, prompt: list[Message], response: str) -> np.ndarray:
@@ -245,6 +366,11 @@ class ChatTemplate:
 
     def messages(self, ids: list[int]) -> list[Message]:
         """The complete turns a sequence of template ids holds (the inverse of `encode`)."""
+        if self.own_template:
+            from pipeline.errors import GptlineError
+
+            raise GptlineError(f"{self.directory}: conversations in the model's own chat template cannot be read "
+                               "back from ids (only gptline's role tokens can)")  # fmt: skip
         roles = {token: role for role, token in self.role_ids.items()}
         found: list[Message] = []
         role, content = None, []
