@@ -294,7 +294,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
     say: Callable[[str], None] = (lambda text: None) if ctx.quiet else (lambda text: print(f"[evaluate] {text}",
                                                                                           flush=True))  # fmt: skip
     template = ChatTemplate(inputs["sft"])
-    sp, pad, ids = template.sp, template.ids["pad"], template.ids
+    sp, pad, ids = template.tokenizer, template.ids["pad"], template.ids
     models = {name: load(inputs[stage]).eval() for name, stage in zip(LANGUAGE_MODELS, ("pretrain", "sft", "ppo"),
                                                                       strict=True)}  # fmt: skip
     context = models["sft"].cfg.max_seq_len

@@ -54,7 +54,7 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 1
+VERSION = 2
 KL_ESTIMATORS = ("k1", "k3")
 PLACEMENTS = ("colocated", "separate")
 

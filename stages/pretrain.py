@@ -40,7 +40,7 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
@@ -137,16 +137,16 @@ class PretrainTask(NextTokenTask):
         super().__init__("pretrain", engine, train_rows, validation, cfg.eval_batches, cfg.grad_accum, cfg.guard, rank)
         self.cfg, self.end_of_text, self.pad = cfg, recipe.special_ids["end_of_text"], pad
         self.flops_per_token = flops_per_token(engine.module, seq_len)
-        self.sp = load_tokenizer(Path(recipe.tokenizer))
+        self.tokenizer = load_tokenizer(Path(recipe.tokenizer))
 
     def samples(self) -> list[str]:
-        prompts = [self.sp.encode(p) for p in self.cfg.sample_prompts]
+        prompts = [self.tokenizer.encode(p) for p in self.cfg.sample_prompts]
         sampling = SamplingConfig(max_new_tokens=self.cfg.sample_tokens, temperature=0.8, top_k=40)
         generator = torch.Generator().manual_seed(self.cfg.seed)
         with generating(self.engine.module) as model:
             completions = generate(model, prompts, sampling, stop_ids=[self.end_of_text], pad_id=self.pad,
                                    generator=generator)  # fmt: skip
-        return [p + self.sp.decode(c) for p, c in zip(self.cfg.sample_prompts, completions, strict=True)]
+        return [p + self.tokenizer.decode(c) for p, c in zip(self.cfg.sample_prompts, completions, strict=True)]
 
 
 def report(directory: Path) -> list[dict[str, Any]]:

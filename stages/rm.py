@@ -43,7 +43,7 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 1
+VERSION = 2
 SPLITS = ("train", "validation")
 COLUMNS = ("chosen", "rejected", "weight")
 

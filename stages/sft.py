@@ -44,7 +44,7 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 2  # 2: held-out prompts saved for ppo
+VERSION = 3
 SPLITS = ("train", "validation")
 
 

@@ -28,7 +28,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 def tiny_model(template: ChatTemplate, cls=GPT, seed: int = 0):
     torch.manual_seed(seed)
-    return cls(ModelConfig(**TINY, vocab_size=template.sp.vocab_size))
+    return cls(ModelConfig(**TINY, vocab_size=template.tokenizer.vocab_size))
 
 
 # ---- the template -------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def test_sft_loss_ignores_prompt_targets_and_follows_response_targets(template):
 
     prompt_position = int(np.flatnonzero(~trained[1:])[2])  # a user-turn token's target
     changed = ids.copy()
-    changed[prompt_position + 1] = (changed[prompt_position + 1] + 7) % template.sp.vocab_size
+    changed[prompt_position + 1] = (changed[prompt_position + 1] + 7) % template.tokenizer.vocab_size
     _, prompt_changed_targets = training_row(changed, trained)
     same = sft_loss_and_grads(model, inputs, prompt_changed_targets)
     assert torch.equal(same[0], reference[0]) and all(
@@ -147,7 +147,7 @@ def test_sft_loss_ignores_prompt_targets_and_follows_response_targets(template):
 
     response_position = int(np.flatnonzero(trained[1:])[0])
     changed = ids.copy()
-    changed[response_position + 1] = (changed[response_position + 1] + 7) % template.sp.vocab_size
+    changed[response_position + 1] = (changed[response_position + 1] + 7) % template.tokenizer.vocab_size
     _, response_changed_targets = training_row(changed, trained)
     different = sft_loss_and_grads(model, inputs, response_changed_targets)
     assert not torch.allclose(different[0], reference[0])

@@ -53,7 +53,7 @@ def test_fewshot_items_hold_their_answer_among_distinct_choices():
 
 def test_sequence_logprobs_equal_a_full_forward_under_padding(template):
     model = tiny_model(template).eval()
-    sp = template.sp
+    sp = template.tokenizer
     pairs = [evaluate.continuation(sp, "The capital of France is", " Paris"),
              evaluate.continuation(sp, "To be, or not", " to be, that is the question")]  # fmt: skip
     got = evaluate.sequence_logprobs(model, [c for c, _ in pairs], [x for _, x in pairs], template.ids["pad"], 2)

@@ -197,7 +197,7 @@ def mistral_model(tmp_path_factory) -> Path:
 
 def test_a_real_pretrained_tokenizer_imports_with_our_tokens_added_and_is_lossless(mistral_model, data):
     template = ChatTemplate(mistral_model)
-    tokenizer = template.sp
+    tokenizer = template.tokenizer
     assert tokenizer.token_id("[INST]") == 3 and tokenizer.token_id("[/INST]") == 4  # its own special tokens stay
     assert [template.ids[k] for k in ("bos", "end_of_text")] == [1, 2] and not template.own_template
     added = sorted(template.ids[k] for k in ("pad", "system", "user", "assistant", "end_of_turn", "reward"))
@@ -462,7 +462,7 @@ def test_continued_pretraining_tokenizes_with_the_imported_tokenizer_and_starts_
         index = read_ipc(Path(str(tokens_file).replace(TOKENS_SUFFIX, INDEX_SUFFIX)))
         for start, length in zip(index.column("start").to_pylist(), index.column("length").to_pylist(), strict=True):
             assert tokens[start + length - 1] == template.ids["end_of_text"]
-            decoded.append(template.sp.decode(tokens[start : start + length - 1].tolist()))
+            decoded.append(template.tokenizer.decode(tokens[start : start + length - 1].tolist()))
     assert sorted(decoded) == sorted(docs)
 
     # pretrain.model names another shape: the imported model's is the one trained; a vanishing learning rate leaves

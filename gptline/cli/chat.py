@@ -118,7 +118,7 @@ def run_chat(args) -> int:
 def run_sample(args) -> int:
     model, template = load(args.path).eval(), ChatTemplate(args.path)
     sampling = _sampling(args)
-    prompt = [template.ids["bos"], *template.sp.encode(args.prompt)][
+    prompt = [template.ids["bos"], *template.tokenizer.encode(args.prompt)][
         -(model.cfg.max_seq_len - sampling.max_new_tokens) :
     ]
     print(args.prompt, end="", flush=True)
@@ -126,7 +126,7 @@ def run_sample(args) -> int:
     live = sys.stdout.isatty()
 
     def decode(ids: list[int]) -> str:
-        return template.sp.decode([i for i in ids if i != end])
+        return template.tokenizer.decode([i for i in ids if i != end])
 
     continuation: list[list[int]] = [[]]
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the sample, not with a traceback

@@ -286,7 +286,7 @@ class ChatTemplate:
         meta = json.loads((self.directory / META).read_text())
         self.ids: dict[str, int] = meta["special_ids"]
         self.tokens: dict[str, str | None] = meta["special_tokens"]
-        self.sp = load_tokenizer(self.directory)  # the tokenizer (any kind): encode, decode
+        self.tokenizer = load_tokenizer(self.directory)  # any kind: encode, decode
         self.role_ids = {"system": self.ids["system"], "user": self.ids["user"], "assistant": self.ids["assistant"]}
         self.jinja: str = meta.get("chat_template") or gptline_chat_template(self.tokens)
         self._rendered = None
@@ -323,7 +323,7 @@ class ChatTemplate:
             return self._encode_rendered(messages)
         ids, trained = [self.ids["bos"]], [False]
         for message in messages:
-            content = self.sp.encode(message["content"])
+            content = self.tokenizer.encode(message["content"])
             learn = message["role"] == "assistant"
             ids += [self.role_ids[message["role"]], *content, self.end_of_turn]
             trained += [False] + [learn] * (len(content) + 1)
@@ -333,7 +333,7 @@ class ChatTemplate:
         from pipeline.errors import GptlineError
 
         text = self.render(messages)
-        ids, starts = self.sp.encode_rendered(text)
+        ids, starts = self.tokenizer.encode_rendered(text)
         trained = np.zeros(len(ids), dtype=bool)
         for turn, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -356,7 +356,7 @@ class ChatTemplate:
     def prompt(self, messages: list[Message]) -> list[int]:
         """The generation prompt: the conversation so far, then the assistant's role token."""
         if self._rendered is not None:
-            return self.sp.encode_rendered(self.render(messages, add_generation_prompt=True))[0]
+            return self.tokenizer.encode_rendered(self.render(messages, add_generation_prompt=True))[0]
         return [*self.encode(messages)[0].tolist(), self.ids["assistant"]]
 
     def reward_input(self, prompt: list[Message], response: str) -> np.ndarray:
@@ -378,11 +378,11 @@ class ChatTemplate:
             if token in roles:
                 role, content = roles[token], []
             elif token == self.end_of_turn and role is not None:
-                found.append({"role": role, "content": self.sp.decode(content)})
+                found.append({"role": role, "content": self.tokenizer.decode(content)})
                 role = None
             elif role is not None:
                 content.append(token)
         return found
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode([i for i in ids if i != self.end_of_turn])
+        return self.tokenizer.decode([i for i in ids if i != self.end_of_turn])
