@@ -5,6 +5,7 @@ worker group with one process per device."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -82,3 +83,12 @@ def test_pretrain_on_an_nccl_group_of_one_process_per_device(tmp_path, ray_sessi
     assert final["steps"] == SMALL["steps"] and final["zero_stage"] == (0 if devices == 1 else 2)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_the_ppo_stage_runs_on_one_gpu(tmp_path, ray_session):
+    """The whole ppo stage (KV-cache rollout, scoring, GAE, updates of two DeepSpeed engines in bf16) on a worker
+    holding one GPU, the frozen reference and reward model beside it."""
+    from tests.test_ppo import build_models, run_ppo
+
+    final = run_ppo(build_models(tmp_path / "inputs"), tmp_path / "out", workers=1, gpus=1.0, iterations=2)
+    assert final["steps"] == 2 and math.isfinite(final["reward_mean"]) and math.isfinite(final["policy_loss"])

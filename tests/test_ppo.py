@@ -109,8 +109,12 @@ RUN = {"iterations": 16, "rollout_batch": 16, "minibatch": 8, "ppo_epochs": 2, "
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
+    return build_models(tmp_path_factory.mktemp("ppo-inputs"))
+
+
+def build_models(tmp: Path) -> dict[str, Path]:
     """A tokenizer, a random 'SFT' policy and 'RM' exported like the stages' artifacts, and a prompt file."""
-    tmp = tmp_path_factory.mktemp("ppo-inputs")
+    tmp.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(tmp, shakespeare_docs()[:800], vocab_size=400)
     meta = json.loads((tok / "tokenizer_meta.json").read_text())
     cfg = ModelConfig(**MODEL, vocab_size=meta["vocab_size"])
@@ -125,10 +129,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"sft": tmp / "sft", "rm": tmp / "rm"}
 
 
-def run_ppo(models, out: Path, workers: int = 2, **overrides) -> dict:
+def run_ppo(models, out: Path, workers: int = 2, gpus: float = 0.0, **overrides) -> dict:
     out.mkdir(parents=True)
     cfg = typed(ppo.PPOConfig, {**RUN, **overrides})
-    return ppo.run(cfg, models, out, StageContext("ppo", resources=StageResources(num_workers=workers), quiet=True))
+    resources = StageResources(num_workers=workers, gpus_per_worker=gpus)
+    return ppo.run(cfg, models, out, StageContext("ppo", resources=resources, quiet=True))
 
 
 def curve(out: Path, key: str) -> list[float]:
