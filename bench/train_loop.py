@@ -50,9 +50,9 @@ SHAPES = {
 WARMUP_STEPS = 3
 
 
-def gptline_run(store: Path, overrides: list[str]) -> None:
+def gptline_run(store: Path, overrides: list[str], until: str = "pretrain") -> None:
     command = [sys.executable, "-m", "gptline", "run", f"store.root={store}", "tracking=disabled", "run.quiet=true",
-               "--until", "pretrain", *overrides]  # fmt: skip
+               "--until", until, *overrides]  # fmt: skip
     env = {**os.environ, "GPTLINE_PROGRESS": "quiet"}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
 
