@@ -8,8 +8,8 @@ Layout under the store root (a local directory, or any `pyarrow.fs` URI such as 
     <root>/<stage>/<version>.lock       lease held by the one process building that version
     <root>/runs/<run_id>/               run records (see pipeline.runner)
 
-An artifact's version is a short hash of (stage name, stage VERSION, the stage's resolved config subtree, input
-versions) and nothing else, so resources, cluster addresses and other stages' settings never change it.
+An artifact's version is a short hash of (stage name, stage VERSION, the stage's resolved config subtree less its
+unversioned fields, input versions) and nothing else, so resources, cluster addresses and other stages' settings never change it.
 
 Commit is atomic. On a local (or NFS) filesystem the manifest is written into the partial directory and the
 directory renamed into place. Object stores have no directory rename, so there the files are copied to the final

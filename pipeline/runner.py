@@ -340,6 +340,7 @@ def _run_stage(
         {
             "stage_version": job.spec.version,
             "config": job.config,
+            "unversioned": job.spec.unversioned(job.config),  # values used that the version leaves out
             "inputs": job.inputs,
             "metrics": metrics,
             "timings": {"start": started, "end": ended, "seconds": ended - started},

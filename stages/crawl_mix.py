@@ -132,7 +132,7 @@ class CrawlMixConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     extractor: str = "resiliparse"  # or trafilatura (pip install gptline[trafilatura])
-    validation_fraction: float = 0.01
+    validation_fraction: float = 0.05
     shard_max_chars: int = 64_000_000
     seed: int = 0
 

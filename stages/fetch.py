@@ -87,10 +87,11 @@ class ArchiveConfig:
 @dataclass
 class CrawlConfig:
     enabled: bool = True
-    max_pages: int = 150
-    max_depth: int = 3
+    max_pages: int = 400
+    max_depth: int = 2
     delay_s: float = 0.0  # between requests; the server is our own local pydoc
-    seeds: list[str] = field(default_factory=lambda: ["/"])
+    # The language reference (topics, keywords) is prose; module pages follow breadth-first.
+    seeds: list[str] = field(default_factory=lambda: ["/topics.html", "/keywords.html"])
     user_agent: str = "gptline-crawler/0.1"
     pages_per_warc: int = 50  # Common Crawl splits a crawl into many WARC files; readers fan out per file
     timeout_s: float = 30.0
