@@ -327,7 +327,9 @@ CRAWL_DATE = "2024-01-01T00:00:00Z"
 HTTP_DATE = "Mon, 01 Jan 2024 00:00:00 GMT"
 
 
-ADDRESSES = re.compile(rb"(\bat(?: |&nbsp;)0x|\bhandle )[0-9a-f]{6,}")  # object reprs: where the server's heap happened to be
+ADDRESSES = re.compile(
+    rb"(\bat(?: |&nbsp;)0x|\bhandle )[0-9a-f]{6,}"
+)  # object reprs: where the server's heap happened to be
 
 
 def _pinned(record: Any, key: str) -> Any:
@@ -405,6 +407,12 @@ def crawl(base_url: str, cfg: CrawlConfig, out: Path, canonical_host: str | None
     return counts
 
 
+PYDOC_SERVER = (
+    "import sys; sys.path.remove(''); sys.argv = sys.orig_argv = ['pydoc']; "
+    "import pydoc; pydoc.browse({port}, open_browser=False, hostname='127.0.0.1')"
+)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -420,8 +428,7 @@ def crawl_pydoc(cfg: CrawlConfig, out: Path) -> dict[str, int]:
         # command line and environment are on the pages it serves (sys.argv on sys's, os.environ on os's): it gets
         # a fixed one and an empty one, so neither a port nor a secret ends up in the corpus; a fixed hash seed
         # keeps the order of the sets it shows.
-        [sys.executable, "-s", "-S", "-c", "import sys; sys.path.remove(''); sys.argv = sys.orig_argv = ['pydoc']; "
-         f"import pydoc; pydoc.browse({port}, open_browser=False, hostname='127.0.0.1')"],  # fmt: skip
+        [sys.executable, "-s", "-S", "-c", PYDOC_SERVER.format(port=port)],
         env={"PYTHONHASHSEED": "0"},
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
