@@ -142,6 +142,12 @@ def artifact_files(local_dir: Path) -> list[str]:
     return [rel for rel in files if rel != MANIFEST and rel.split("/")[0] != TRANSIENT]
 
 
+def content_hash(files: dict[str, dict[str, Any]]) -> str:
+    """One sha256 over every file's path and sha256: equal for two builds exactly when all their files are (a
+    version names what an artifact was made from; this, what it holds, which a live source can change)."""
+    return hashlib.sha256(canonical_json({rel: f["sha256"] for rel, f in files.items()}).encode()).hexdigest()
+
+
 def _file_listing(local_dir: Path) -> dict[str, dict[str, Any]]:
     return {rel: {"size": (local_dir / rel).stat().st_size, "sha256": sha256_file(local_dir / rel)}
             for rel in artifact_files(local_dir)}  # fmt: skip
@@ -371,11 +377,13 @@ class Store:
         """Checksum every output, write the manifest last, and make the artifact visible atomically."""
         from pipeline.faults import fault_point
 
+        files = _file_listing(workdir)
         manifest = {
             **manifest,
             "stage": stage,
             "version": version,
-            "files": _file_listing(workdir),
+            "files": files,
+            "content": content_hash(files),
             "code_revision": code_revision(),
             "host": socket.gethostname(),
         }

@@ -218,6 +218,14 @@ def _explain(error: BaseException, schema: type) -> ConfigError:
     return ConfigError(" ".join(message.split()))
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A plain config tree as {dotted key: value}; lists and empty mappings are values."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree} if prefix else {}
+    dot = f"{prefix}." if prefix else ""
+    return {k: v for key, value in tree.items() for k, v in flatten(value, f"{dot}{key}").items()}
+
+
 def validate(cfg: Any, prefix: str = "") -> None:
     """Run `validate()` on every dataclass in the tree and report the first problem by its full key."""
     if not dataclasses.is_dataclass(cfg):

@@ -11,14 +11,8 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from pipeline.config import DEFAULT_CONFIG_DIR, build_schema, compose_config
+from pipeline.config import DEFAULT_CONFIG_DIR, build_schema, compose_config, flatten
 from stages import REGISTRY
-
-
-def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict) or not tree:
-        return {prefix[:-1]: tree}
-    return {k: v for key, value in tree.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
 
 
 def schema_defaults() -> dict[str, Any]:
@@ -27,7 +21,7 @@ def schema_defaults() -> dict[str, Any]:
 
 def catalogues(defaults: dict[str, Any]) -> set[str]:
     """Keys whose dataclass default is an empty mapping: their content is data, kept in YAML."""
-    return {key for key, value in leaves(defaults).items() if value == {}}
+    return {key for key, value in flatten(defaults).items() if value == {}}
 
 
 def default_option_files() -> dict[str, Path]:
@@ -48,7 +42,7 @@ def default_option_files() -> dict[str, Path]:
 def test_the_default_config_is_the_dataclass_defaults(monkeypatch):
     monkeypatch.delenv("GPTLINE_STORE", raising=False)
     defaults = schema_defaults()
-    composed, expected = leaves(compose_config(REGISTRY, [])), leaves(defaults)
+    composed, expected = flatten(compose_config(REGISTRY, [])), flatten(defaults)
     owned_by_yaml = catalogues(defaults)
     differ = {k: (composed.get(k), expected.get(k)) for k in composed.keys() | expected.keys()
               if composed.get(k) != expected.get(k) and not any(k == c or k.startswith(c + ".") for c in owned_by_yaml)}  # fmt: skip
@@ -63,7 +57,7 @@ def test_no_default_option_file_restates_a_dataclass_default():
         data.pop("defaults", None)
         if not data:
             continue
-        for leaf, value in leaves(data, f"{key}." if key else "").items():
+        for leaf, value in flatten(data, key).items():
             is_catalogue = any(leaf == c or leaf.startswith(c + ".") for c in owned_by_yaml)
             if leaf and not is_catalogue and not (isinstance(value, str) and value.startswith("${")):
                 restated.append(f"{path.relative_to(DEFAULT_CONFIG_DIR)}: {leaf}")

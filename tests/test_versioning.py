@@ -64,6 +64,9 @@ def test_a_sweep_over_an_unversioned_field_trains_once_and_a_dry_run_then_plans_
     assert artifact.manifest["unversioned"]["eval_every"] in (2, 3)
     assert artifact.manifest["unversioned"]["keep_checkpoints"] == 2
     capsys.readouterr()
+    assert main(["diff", *runs, "--store", str(store)]) == 0
+    [row] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fit_numbers.eval_every")]
+    assert row.split()[1:3] == ["2", "3"] and row.endswith("unversioned: rebuilt nothing")
     assert main(["run", *TRAINING, *common, "fit_numbers.eval_every=1", "fit_numbers.keep_checkpoints=5",
                  "--dry-run"]) == 0  # fmt: skip
     plan = capsys.readouterr().out
