@@ -34,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.dag import StageResources, StageSpec
 from pipeline.errors import ConfigError
+from pipeline.versioning import mapped_dataclass
 
 SCHEMA_NAME = "gptline_schema"
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -132,14 +133,6 @@ def build_schema(specs: list[StageSpec]) -> type:
     )
 
 
-def _mapped_dataclass(hint: Any) -> type | None:
-    """The dataclass a `dict[str, Cfg]` field maps its keys to, else None."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
-        return args[1]
-    return None
-
-
 def _schema_at(schema: type, dotted: str) -> type | None:
     """The dataclass at a dotted key of the schema, through mapping entries (`data.sources.NAME`), else None."""
     cls: Any = schema
@@ -147,7 +140,7 @@ def _schema_at(schema: type, dotted: str) -> type | None:
     i = 0
     while i < len(parts):
         hint = typing.get_type_hints(cls).get(parts[i]) if dataclasses.is_dataclass(cls) else None
-        if (mapped := _mapped_dataclass(hint)) is not None and i + 1 < len(parts):
+        if (mapped := mapped_dataclass(hint)) is not None and i + 1 < len(parts):
             cls, i = mapped, i + 2
         elif dataclasses.is_dataclass(hint):
             cls, i = hint, i + 1
@@ -161,7 +154,7 @@ def _mapping_entry(schema: type, key: str) -> tuple[str, str, list[str]] | None:
     parts = key.split(".")
     for i in range(len(parts) - 1):
         parent = _schema_at(schema, ".".join(parts[:i]))
-        if parent is not None and _mapped_dataclass(typing.get_type_hints(parent).get(parts[i])) is not None:
+        if parent is not None and mapped_dataclass(typing.get_type_hints(parent).get(parts[i])) is not None:
             return ".".join(parts[: i + 1]), parts[i + 1], parts[i + 2 :]
     return None
 
@@ -176,10 +169,10 @@ def _suggest(schema: type, full_key: str) -> str:
     return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
 
 
-def _apply_entry_override(cfg: DictConfig, override: Override, text: str, schema: type) -> None:
-    """One override inside a mapping of dataclasses, applied to the composed config."""
+def _apply_entry_override(cfg: DictConfig, override: Override, text: str, entry: tuple[str, str, list[str]]) -> None:
+    """One override inside a mapping of dataclasses (`entry`: see `_mapping_entry`), applied to the composed config."""
     key = override.key_or_group
-    mapping_key, name, inside = _mapping_entry(schema, key)  # type: ignore[misc]
+    mapping_key, name, inside = entry
     mapping = OmegaConf.select(cfg, mapping_key)
     if override.is_delete():
         if inside or name not in mapping:
@@ -191,8 +184,8 @@ def _apply_entry_override(cfg: DictConfig, override: Override, text: str, schema
     if name not in mapping:
         if not (override.is_add() or override.is_force_add()):
             close = difflib.get_close_matches(name, [str(k) for k in mapping], n=1, cutoff=0.6)
-            hint = f"did you mean '{mapping_key}.{close[0]}'? " if close else ""
-            raise ConfigError(f"unknown config key '{mapping_key}.{name}'; {hint}(a new entry: '+{text}')")
+            hint = f"did you mean '{mapping_key}.{close[0]}'? To" if close else "to"
+            raise ConfigError(f"unknown config key '{mapping_key}.{name}'; {hint} add an entry: '+{text}'")
         patch: Any = value
         for part in reversed(inside):
             patch = {part: patch}
@@ -258,8 +251,9 @@ def compose_config(
     """Compose conf/config.yaml with overrides, validate it, and return the resolved plain-data tree."""
     parsed = parse_overrides(overrides)
     schema = build_schema(specs)
-    entries = [(o, text) for o, text in zip(parsed, overrides, strict=True) if _mapping_entry(schema, o.key_or_group)]
-    rest = [text for o, text in zip(parsed, overrides, strict=True) if not _mapping_entry(schema, o.key_or_group)]
+    entry_of = [_mapping_entry(schema, o.key_or_group) for o in parsed]
+    entries = [(o, text, e) for o, text, e in zip(parsed, overrides, entry_of, strict=True) if e is not None]
+    rest = [text for text, e in zip(overrides, entry_of, strict=True) if e is None]
     ConfigStore.instance().store(name=SCHEMA_NAME, node=schema)
     GlobalHydra.instance().clear()
     try:
@@ -267,8 +261,8 @@ def compose_config(
             # The main conf/ tree stays on the search path, so another root config reuses its groups.
             search = f"hydra.searchpath=[file://{DEFAULT_CONFIG_DIR}]"
             cfg = compose(config_name="config", overrides=[search, *rest])
-        for override, text in entries:
-            _apply_entry_override(cfg, override, text, schema)
+        for override, text, entry in entries:
+            _apply_entry_override(cfg, override, text, entry)
     except (HydraException, OmegaConfBaseException) as e:
         raise _explain(e, schema) from e
     finally:

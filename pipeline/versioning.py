@@ -44,7 +44,7 @@ def _dataclass_in(hint: Any) -> type | None:
     return candidates[0] if len(candidates) == 1 and typing.get_origin(hint) is not dict else None
 
 
-def _mapped_dataclass(hint: Any) -> type | None:
+def mapped_dataclass(hint: Any) -> type | None:
     """The dataclass a `dict[str, Cfg]` field maps its keys to, else None."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
@@ -64,7 +64,7 @@ def split(config_class: type, data: Any) -> tuple[Any, dict[str, Any]]:
             left[key] = value
             continue
         hint = hints.get(key)
-        inner, mapped = _dataclass_in(hint), _mapped_dataclass(hint)
+        inner, mapped = _dataclass_in(hint), mapped_dataclass(hint)
         if inner is not None:
             kept[key], sub = split(inner, value)
             if sub:
