@@ -179,6 +179,8 @@ def test_status_shows_a_reused_stage_as_built_and_diff_names_what_each_change_re
     rows = {line.split()[0]: line for line in pipeline.capsys.readouterr().out.splitlines()[3:]}
     assert "reused (built" in rows["numbers"] and "ago)" in rows["numbers"] and "rows=4000" in rows["numbers"]
     assert "done" in rows["squares"] and "reused" not in rows["squares"]
+    report = (pipeline.store / "runs" / second / "report.html").read_text()
+    assert "rows=4000" in report  # the reused numbers' headline in the report's table too
     assert pipeline.cli("diff", first, second) == 0
     rows = {line.split()[0]: line for line in pipeline.capsys.readouterr().out.splitlines()[1:]}
     assert rows["squares.power"].split()[1:3] == ["2", "3"] and rows["squares.power"].endswith("rebuilt squares total")

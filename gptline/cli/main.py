@@ -44,7 +44,7 @@ from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config, par
 from pipeline.dag import DAG, load_registry
 from pipeline.errors import GptlineError, RunStopped
 from pipeline.report import write_report
-from pipeline.runner import WORKER_ENV, Runner, RunRecord, connect_ray, list_runs, new_run_id
+from pipeline.runner import WORKER_ENV, Runner, RunRecord, as_built, connect_ray, list_runs, new_run_id
 from pipeline.tune import load_spec, tune
 
 DEFAULT_REGISTRY = "stages:REGISTRY"
@@ -183,7 +183,7 @@ def sweep_summary(outcomes: list[tuple[int, list[str], str, bool, Store]]) -> st
         record = RunRecord(store, run_id, Path("."))
         nodes = [tuple(n) for n in record.meta().get("nodes", [])]
         versions.append(dict(nodes))
-        metrics.append(_metrics(record.node(nodes[-1][0])) if nodes else "")
+        metrics.append(_metrics(as_built(store, *nodes[-1], record.node(nodes[-1][0]))) if nodes else "")
     stages = list(dict.fromkeys(s for v in versions for s in v))
     shared = [s for s in stages if len({v.get(s) for v in versions}) == 1]
     differing = [s for s in stages if s not in shared]
@@ -392,18 +392,11 @@ def print_status(store: Store, run_id: str) -> None:
         state = node.get("state", "pending")
         if node.get("error"):
             state += f": {node['error']}"
-        if state == "reused" and store.is_committed(stage, version):
-            node = _as_built(store.load(stage, version, verify="none").manifest, node)
+        node = as_built(store, stage, version, node)
+        if "built" in node:
             state += f" (built {_age(time.time() - node['built'])} ago)"
         rows.append([stage, version, state, _duration(node), _metrics(node)])
     print(_table(rows, ["stage", "version", "state", "duration", "metrics"]))
-
-
-def _as_built(manifest: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
-    """A reused node as the run that built its artifact saw it: that build's metrics, duration and end time."""
-    timings = manifest.get("timings", {})
-    return {**node, "metrics": manifest.get("metrics", {}), "seconds": timings.get("seconds"),
-            "built": timings.get("end", time.time())}  # fmt: skip
 
 
 def _age(seconds: float) -> str:
