@@ -185,8 +185,8 @@ UNVERSIONED_CHANGES = {"checkpoint_every": 1, "keep_checkpoints": 1, "num_sample
 
 
 def test_unversioned_fields_leave_the_artifact_unchanged(models, tmp_path, ray_session):
-    run_ppo(models, tmp_path / "a", workers=1, iterations=3)
-    run_ppo(models, tmp_path / "b", workers=1, iterations=3, **UNVERSIONED_CHANGES)
+    run_ppo(models, tmp_path / "a", workers=1, iterations=2)
+    run_ppo(models, tmp_path / "b", workers=1, iterations=2, **UNVERSIONED_CHANGES)
     assert_identical_artifacts(tmp_path / "a", tmp_path / "b")
 
 
