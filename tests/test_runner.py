@@ -193,6 +193,14 @@ def test_status_shows_a_reused_stage_as_built_and_diff_names_what_each_change_re
     assert "squares.power" in out and "versioned" in out and "content: DIFFERENT (" in out
     assert pipeline.cli("show", a.ref, "--verify") == 0
     assert f"content: {a.manifest['content']}" in pipeline.capsys.readouterr().out
+    # The same version built in another store: the same files, and diff across the stores says so.
+    from gptline.cli.main import main
+
+    other = pipeline.store.parent / "other"
+    assert main(["run", *TEST_DAG, f"store.root={other}", "tracking=disabled", "--until", "squares"]) == 0
+    pipeline.capsys.readouterr()
+    assert pipeline.cli("diff", a.ref, a.ref, "--other-store", str(other)) == 0
+    assert f"content: identical ({a.manifest['content'][:12]})" in pipeline.capsys.readouterr().out
 
 
 def test_status_ls_show_and_gc(pipeline):
