@@ -325,11 +325,7 @@ class _Links(HTMLParser):
 CANONICAL_HOST = "pydoc.localhost"
 CRAWL_DATE = "2024-01-01T00:00:00Z"
 HTTP_DATE = "Mon, 01 Jan 2024 00:00:00 GMT"
-
-
-ADDRESSES = re.compile(
-    rb"(\bat(?: |&nbsp;)0x|\bhandle )[0-9a-f]{6,}"
-)  # object reprs: where the server's heap happened to be
+ADDRESSES = re.compile(rb"(\bat(?: |&nbsp;)0x|\bhandle )[0-9a-f]{6,}")  # in object reprs: where the heap happened to be
 
 
 def _pinned(record: Any, key: str) -> Any:
@@ -339,12 +335,11 @@ def _pinned(record: Any, key: str) -> Any:
     return record
 
 
-def crawl(base_url: str, cfg: CrawlConfig, out: Path, canonical_host: str | None = None) -> dict[str, int]:
+def crawl(base_url: str, cfg: CrawlConfig, out: Path, canonical_host: str) -> dict[str, int]:
     """Breadth-first, same host, robots.txt obeyed; every fetched page is a WARC request + response pair, in
-    files of `pages_per_warc` pages (crawl-00000.warc.gz, ...). With `canonical_host`, URLs, the Host header and
-    links in the pages name that host instead of the server's, and the records are pinned (see `_pinned`)."""
+    files of `pages_per_warc` pages (crawl-00000.warc.gz, ...). URLs, the Host header and links in the pages name
+    `canonical_host` instead of the server's, and the records are pinned (see `_pinned`)."""
     host = urllib.parse.urlsplit(base_url).netloc
-    recorded = canonical_host or host
     robots = urllib.robotparser.RobotFileParser(urllib.parse.urljoin(base_url, "/robots.txt"))
     try:
         robots.read()  # a 404 means everything is allowed
@@ -360,7 +355,7 @@ def crawl(base_url: str, cfg: CrawlConfig, out: Path, canonical_host: str | None
                 name = f"crawl-{counts['warc_files']:05d}.warc.gz"
                 writer = WARCWriter(files.enter_context(open(out / name, "wb")), gzip=True)
                 info = writer.create_warcinfo_record(name, {"software": "gptline fetch", "format": "WARC/1.1"})
-                writer.write_record(_pinned(info, name) if canonical_host else info)
+                writer.write_record(_pinned(info, name))
                 counts["warc_files"] += 1
             url, depth = queue.popleft()
             if not robots.can_fetch(cfg.user_agent, url):
@@ -377,22 +372,18 @@ def crawl(base_url: str, cfg: CrawlConfig, out: Path, canonical_host: str | None
                 counts["errors"] += 1
                 continue
             path = urllib.parse.urlsplit(url).path or "/"
-            target, page = url, body
-            if canonical_host:
-                target = url.replace(host, canonical_host, 1)
-                page = ADDRESSES.sub(rb"\g<1>0", body.replace(host.encode(), canonical_host.encode()))
-                headers = [
-                    (k, HTTP_DATE if k.lower() == "date" else v.replace(host, canonical_host)) for k, v in headers
-                ]
+            target = url.replace(host, canonical_host, 1)
+            page = ADDRESSES.sub(rb"\g<1>0", body.replace(host.encode(), canonical_host.encode()))
+            headers = [(k, HTTP_DATE if k.lower() == "date" else v.replace(host, canonical_host)) for k, v in headers]
             request_headers = StatusAndHeaders(
-                f"GET {path} HTTP/1.1", [("Host", recorded), ("User-Agent", cfg.user_agent)], is_http_request=True
+                f"GET {path} HTTP/1.1", [("Host", canonical_host), ("User-Agent", cfg.user_agent)], is_http_request=True
             )
             response_headers = StatusAndHeaders(f"{status} {reason}", headers, protocol="HTTP/1.1")
             for record in (
                 writer.create_warc_record(target, "request", http_headers=request_headers),
                 writer.create_warc_record(target, "response", payload=io.BytesIO(page), http_headers=response_headers),
             ):
-                writer.write_record(_pinned(record, f"{target} {record.rec_type}") if canonical_host else record)
+                writer.write_record(_pinned(record, f"{target} {record.rec_type}"))
             counts["fetched"] += 1
             content_type = dict((k.lower(), v) for k, v in headers).get("content-type", "")
             if status == 200 and "html" in content_type and depth < cfg.max_depth:
@@ -445,7 +436,7 @@ def crawl_pydoc(cfg: CrawlConfig, out: Path) -> dict[str, int]:
                 if time.time() > deadline or server.poll() is not None:
                     raise GptlineError("fetch.crawl: the local pydoc server did not start") from None
                 time.sleep(0.2)
-        return crawl(base, cfg, out, canonical_host=CANONICAL_HOST)
+        return crawl(base, cfg, out, CANONICAL_HOST)
     finally:
         server.terminate()
         server.wait(timeout=10)
