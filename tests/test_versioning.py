@@ -59,9 +59,9 @@ def test_a_sweep_over_an_unversioned_field_trains_once_and_a_dry_run_then_plans_
     assert main(["run", *TRAINING, *common, "-m", "fit_numbers.eval_every=2,3"]) == 0
     runs = sorted(p.name for p in (store / "runs").iterdir())
     states = [json.loads((store / "runs" / r / "nodes" / "fit_numbers.json").read_text())["state"] for r in runs]
-    assert sorted(states) == ["done", "reused"]
+    assert states == ["done", "reused"]  # run ids sort by start time: the first point trains
     [artifact] = Store(str(store)).list("fit_numbers")
-    assert artifact.manifest["unversioned"]["eval_every"] in (2, 3)
+    assert artifact.manifest["unversioned"]["eval_every"] == 2
     assert artifact.manifest["unversioned"]["keep_checkpoints"] == 2
     capsys.readouterr()
     assert main(["diff", *runs, "--store", str(store)]) == 0
