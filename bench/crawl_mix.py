@@ -45,13 +45,13 @@ def one_run(cfg: CrawlMixConfig, fetch: Path, workers: int) -> dict:
         "crawl_mix", resources=resources, quiet=True, map=RayMap("crawl_mix", resources, Progress("quiet"))
     )
     start = time.perf_counter()
-    run(cfg, {"fetch": fetch}, out, ctx)
+    metrics = run(cfg, {"fetch": fetch}, out, ctx)
     wall = time.perf_counter() - start
     stats = json.loads((out / "stats.json").read_text())
     shutil.rmtree(out)
     return {
         "wall": wall,
-        **stats["timings"],
+        **metrics,
         "docs": stats["totals"]["records"],
         "kept": stats["totals"]["after_filter"],
     }

@@ -8,8 +8,8 @@ Layout under the store root (a local directory, or any `pyarrow.fs` URI such as 
     <root>/<stage>/<version>.lock       lease held by the one process building that version
     <root>/runs/<run_id>/               run records (see pipeline.runner)
 
-An artifact's version is a short hash of (stage name, stage VERSION, the stage's resolved config subtree, input
-versions) and nothing else, so resources, cluster addresses and other stages' settings never change it.
+An artifact's version is a short hash of (stage name, stage VERSION, the stage's resolved config subtree less its
+unversioned fields, input versions) and nothing else, so resources, cluster addresses and other stages' settings never change it.
 
 Commit is atomic. On a local (or NFS) filesystem the manifest is written into the partial directory and the
 directory renamed into place. Object stores have no directory rename, so there the files are copied to the final
@@ -140,6 +140,12 @@ def artifact_files(local_dir: Path) -> list[str]:
     """The files of a work directory that make up its artifact (relative paths): all but the transient ones."""
     files = (p.relative_to(local_dir).as_posix() for p in sorted(local_dir.rglob("*")) if p.is_file())
     return [rel for rel in files if rel != MANIFEST and rel.split("/")[0] != TRANSIENT]
+
+
+def content_hash(files: dict[str, dict[str, Any]]) -> str:
+    """One sha256 over every file's path and sha256: equal for two builds exactly when all their files are (a
+    version names what an artifact was made from; this, what it holds, which a live source can change)."""
+    return hashlib.sha256(canonical_json({rel: f["sha256"] for rel, f in files.items()}).encode()).hexdigest()
 
 
 def _file_listing(local_dir: Path) -> dict[str, dict[str, Any]]:
@@ -371,11 +377,13 @@ class Store:
         """Checksum every output, write the manifest last, and make the artifact visible atomically."""
         from pipeline.faults import fault_point
 
+        files = _file_listing(workdir)
         manifest = {
             **manifest,
             "stage": stage,
             "version": version,
-            "files": _file_listing(workdir),
+            "files": files,
+            "content": content_hash(files),
             "code_revision": code_revision(),
             "host": socket.gethostname(),
         }

@@ -6,6 +6,11 @@ in `conf/config.yaml`'s defaults, so every YAML file and every override is merge
 or a wrong type fails during composition. Ranges are checked afterwards by each dataclass's `validate()`, which
 returns (field, problem) pairs; errors always carry the key's full dotted name, and an unknown key comes with the
 closest valid name.
+
+A mapping of dataclasses (`data.sources`, `fetch.archives`, `cluster.resources`) takes new entries from the command
+line, `+data.sources.NAME.type=warc` or `+data.sources.NAME={type: warc, paths: [...]}`, checked against the entry's
+dataclass like any other key. OmegaConf cannot assign a plain dict to such a typed entry, so these overrides are
+applied after Hydra's composition, as merges, in the order given.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +29,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.dag import StageResources, StageSpec
 from pipeline.errors import ConfigError
+from pipeline.versioning import mapped_dataclass
 
 SCHEMA_NAME = "gptline_schema"
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -126,15 +133,66 @@ def build_schema(specs: list[StageSpec]) -> type:
     )
 
 
+def _schema_at(schema: type, dotted: str) -> type | None:
+    """The dataclass at a dotted key of the schema, through mapping entries (`data.sources.NAME`), else None."""
+    cls: Any = schema
+    parts = dotted.split(".") if dotted else []
+    i = 0
+    while i < len(parts):
+        hint = typing.get_type_hints(cls).get(parts[i]) if dataclasses.is_dataclass(cls) else None
+        if (mapped := mapped_dataclass(hint)) is not None and i + 1 < len(parts):
+            cls, i = mapped, i + 2
+        elif dataclasses.is_dataclass(hint):
+            cls, i = hint, i + 1
+        else:
+            return None
+    return cls
+
+
+def _mapping_entry(schema: type, key: str) -> tuple[str, str, list[str]] | None:
+    """(the mapping's key, the entry's name, the path inside the entry) for a key inside a mapping of dataclasses."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1):
+        parent = _schema_at(schema, ".".join(parts[:i]))
+        if parent is not None and mapped_dataclass(typing.get_type_hints(parent).get(parts[i])) is not None:
+            return ".".join(parts[: i + 1]), parts[i + 1], parts[i + 2 :]
+    return None
+
+
 def _suggest(schema: type, full_key: str) -> str:
     parent, _, leaf = full_key.rpartition(".")
-    node: Any = OmegaConf.structured(schema)
-    if parent:
-        node = OmegaConf.select(node, parent, default=None)
-    if not isinstance(node, DictConfig):
+    cls = _schema_at(schema, parent)
+    if cls is None:
         return ""
-    close = difflib.get_close_matches(leaf, [str(k) for k in node], n=1, cutoff=0.6)
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
     return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+
+
+def _apply_entry_override(cfg: DictConfig, override: Override, text: str, entry: tuple[str, str, list[str]]) -> None:
+    """One override inside a mapping of dataclasses (`entry`: see `_mapping_entry`), applied to the composed config."""
+    key = override.key_or_group
+    mapping_key, name, inside = entry
+    mapping = OmegaConf.select(cfg, mapping_key)
+    if override.is_delete():
+        if inside or name not in mapping:
+            raise ConfigError(f"cannot delete config key '{key}': only an existing entry of '{mapping_key}' can go")
+        with open_dict(mapping):
+            del mapping[name]
+        return
+    value = override.value()
+    if name not in mapping:
+        if not (override.is_add() or override.is_force_add()):
+            close = difflib.get_close_matches(name, [str(k) for k in mapping], n=1, cutoff=0.6)
+            hint = f"did you mean '{mapping_key}.{close[0]}'? To" if close else "to"
+            raise ConfigError(f"unknown config key '{mapping_key}.{name}'; {hint} add an entry: '+{text}'")
+        patch: Any = value
+        for part in reversed(inside):
+            patch = {part: patch}
+        with open_dict(mapping):
+            mapping.merge_with({name: patch})
+    else:
+        OmegaConf.update(cfg, key, value, merge=True)
 
 
 def _explain(error: BaseException, schema: type) -> ConfigError:
@@ -151,6 +209,14 @@ def _explain(error: BaseException, schema: type) -> ConfigError:
         return ConfigError(f"unknown config key '{match.group(1)}'{_suggest(schema, match.group(1))}")
     message = str(error).split("Config search path")[0]  # Hydra appends its search path: noise here
     return ConfigError(" ".join(message.split()))
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A plain config tree as {dotted key: value}; lists and empty mappings are values."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree} if prefix else {}
+    dot = f"{prefix}." if prefix else ""
+    return {k: v for key, value in tree.items() for k, v in flatten(value, f"{dot}{key}").items()}
 
 
 def validate(cfg: Any, prefix: str = "") -> None:
@@ -183,15 +249,20 @@ def compose_config(
     specs: list[StageSpec], overrides: list[str], config_dir: Path = DEFAULT_CONFIG_DIR
 ) -> dict[str, Any]:
     """Compose conf/config.yaml with overrides, validate it, and return the resolved plain-data tree."""
-    parse_overrides(overrides)
+    parsed = parse_overrides(overrides)
     schema = build_schema(specs)
+    entry_of = [_mapping_entry(schema, o.key_or_group) for o in parsed]
+    entries = [(o, text, e) for o, text, e in zip(parsed, overrides, entry_of, strict=True) if e is not None]
+    rest = [text for text, e in zip(overrides, entry_of, strict=True) if e is None]
     ConfigStore.instance().store(name=SCHEMA_NAME, node=schema)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
             # The main conf/ tree stays on the search path, so another root config reuses its groups.
             search = f"hydra.searchpath=[file://{DEFAULT_CONFIG_DIR}]"
-            cfg = compose(config_name="config", overrides=[search, *overrides])
+            cfg = compose(config_name="config", overrides=[search, *rest])
+        for override, text, entry in entries:
+            _apply_entry_override(cfg, override, text, entry)
     except (HydraException, OmegaConfBaseException) as e:
         raise _explain(e, schema) from e
     finally:

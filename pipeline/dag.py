@@ -17,7 +17,8 @@ through the inputs the config chooses, what they need; a stage no chosen input r
 every possible choice must form a DAG, so any configuration's graph does. A stage whose config only names its
 input data (a path to files another tool wrote) says what its output really depends on with `identity`: the
 version hashes what that returns (the files' content, say) instead of the config, so the same files give one
-artifact wherever they lie, and changed files a new one.
+artifact wherever they lie, and changed files a new one. Otherwise the version hashes the config subtree less the
+fields its dataclass marks unversioned (`pipeline/versioning.py`).
 
 A stage that can stop early (`StageSpec.stops_on_request`, the training stages) polls `stop_requested(out_dir)`
 and, when it turns true, checkpoints and raises `StageStopped`. While such a stage runs, `stop_on_sigterm` turns a
@@ -41,6 +42,7 @@ from pipeline.artifacts import NAME_RE, RUNS_DIR, TRANSIENT, NodeMirror, artifac
 from pipeline.checks import at_least
 from pipeline.errors import DagError
 from pipeline.progress import Progress
+from pipeline.versioning import split
 
 
 @dataclass
@@ -247,6 +249,15 @@ class StageSpec:
                 found[item.slot] = stage
         return found
 
+    def identity_of(self, subtree: Any) -> Any:
+        """What is hashed into the version for this config subtree: `identity`'s answer, or the subtree less its
+        unversioned fields."""
+        return self.identity(subtree) if self.identity is not None else split(self.config_class, subtree)[0]
+
+    def unversioned(self, subtree: Any) -> dict[str, Any]:
+        """The values of the subtree's unversioned fields (recorded in the manifest, never hashed)."""
+        return split(self.config_class, subtree)[1]
+
     def input_stages(self, config: Mapping[str, Any]) -> list[str]:
         """The stages this stage takes input from under this config, each once, in declaration order."""
         return list(dict.fromkeys(self.slots(config).values()))
@@ -358,7 +369,5 @@ class DAG:
                 continue
             spec = self.specs[name]
             inputs = {dep: versions[dep] for dep in spec.input_stages(configs)}
-            subtree = configs.get(spec.key)
-            identity = spec.identity(subtree) if spec.identity is not None else subtree
-            versions[name] = artifact_version(name, spec.version, identity, inputs)
+            versions[name] = artifact_version(name, spec.version, spec.identity_of(configs.get(spec.key)), inputs)
         return versions

@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline.artifacts import Store
 from pipeline.dag import DAG
-from pipeline.runner import RunRecord
+from pipeline.runner import RunRecord, as_built
 
 REPORT = "report.html"
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -255,6 +255,7 @@ def build_html(store: Store, dag: DAG, run_id: str, scratch: Path) -> str:
     nodes = [(stage, version, record.node(stage)) for stage, version in meta.get("nodes", [])]
     summary_rows, sections = [], []
     for stage, version, node in nodes:
+        node = as_built(store, stage, version, node)
         state = node.get("state", "pending")
         metrics = node.get("metrics") or {}
         headline = [k for k in node.get("headline", []) if k in metrics][:4]

@@ -15,11 +15,16 @@ one file, never by the corpus:
    result is deterministic and needs no global state. Output shards: `train/` and `validation/` Parquet files
    with id, text, source, url and provenance columns, plus `stats.json` and `report.md`.
 
+A document's id is a hash of its source, URL and text, and a file inside an input artifact is recorded by its path
+there ("{fetch}/web/crawl-00000.warc.gz"), so the split, the mixture and the output bytes depend on the content
+alone, not on where the store lies.
+
 Each file's phase-1 output is written atomically, so a resumed stage redoes only the files it had not finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -44,7 +49,7 @@ from pipeline.config import typed
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 1
+VERSION = 2  # 2: a document's id (split and mixing hashes) is its content's; paths are recorded as "{fetch}/..."
 DEFAULT_RULES = {
     "warc": ["language", "gopher_quality", "gopher_repetition", "c4", "fineweb"],
     "jsonl": ["language", "gopher_quality", "gopher_repetition"],
@@ -132,7 +137,7 @@ class CrawlMixConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     extractor: str = "resiliparse"  # or trafilatura (pip install gptline[trafilatura])
-    validation_fraction: float = 0.01
+    validation_fraction: float = 0.05
     shard_max_chars: int = 64_000_000
     seed: int = 0
 
@@ -159,6 +164,7 @@ class FileJob:
     index: int
     source: str
     path: str
+    label: str  # the path as recorded: "{input}/..." for a file inside an input artifact
     source_type: str
     text_field: str
     url_field: str
@@ -222,12 +228,12 @@ def extract_and_filter(job: FileJob) -> dict[str, Any]:
             pii += replaced
         filtered = time.perf_counter()
         timings["filter"] += filtered - read_done
-        doc_id = xxhash.xxh64_hexdigest(f"{job.source}\0{job.path}\0{doc.record}".encode())
+        doc_id = xxhash.xxh64_hexdigest(f"{job.source}\0{doc.url}\0{text}".encode("utf-8", "surrogatepass"))
         rows["id"].append(doc_id)
         rows["text"].append(text)
         rows["source"].append(job.source)
         rows["url"].append(doc.url)
-        rows["path"].append(job.path)
+        rows["path"].append(job.label)
         rows["record"].append(doc.record)
         rows["date"].append(doc.extra)
         rows["language"].append(lang)
@@ -243,7 +249,7 @@ def extract_and_filter(job: FileJob) -> dict[str, Any]:
         counts["empty_files"] += 1
     _write_atomically(pa.table(rows, schema=DOC_SCHEMA), Path(job.work) / "docs" / f"{job.index:06d}.parquet")
     stats = {
-        "file": job.path,
+        "file": job.label,
         "source": job.source,
         "counts": dict(counts),
         "dropped": dict(dropped),
@@ -442,6 +448,14 @@ def mixture_epochs(chars: dict[str, int], weights: dict[str, float], cfg: MixCon
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------
+def _label(path: str, inputs: dict[str, Path]) -> str:
+    """A path as the output records it: relative to the input artifact it lies in, named by the input."""
+    for name, directory in inputs.items():
+        with contextlib.suppress(ValueError):
+            return f"{{{name}}}/{Path(path).relative_to(directory).as_posix()}"
+    return path
+
+
 def _file_jobs(cfg: CrawlMixConfig, inputs: dict[str, Path], work: Path) -> list[FileJob]:
     """Every input file of every source, in config order; missing paths fail here, before any work."""
     jobs: list[FileJob] = []
@@ -455,6 +469,7 @@ def _file_jobs(cfg: CrawlMixConfig, inputs: dict[str, Path], work: Path) -> list
                     index=len(jobs),
                     source=name,
                     path=path,
+                    label=_label(path, inputs),
                     source_type=source.type,
                     text_field=source.text_field,
                     url_field=source.url_field,
@@ -533,7 +548,7 @@ def run(cfg: CrawlMixConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
     timings["mix_write_s"] = time.perf_counter() - t
     shutil.rmtree(work)
 
-    report = _finish_stats(cfg, stats, output_jobs, written, epochs, total, file_stats, timings)
+    report = _finish_stats(cfg, stats, output_jobs, written, epochs, total, file_stats)
     (out_dir / "stats.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     (out_dir / "report.md").write_text(render_report(report))
     totals = report["totals"]
@@ -545,7 +560,14 @@ def run(cfg: CrawlMixConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
         "validation_docs": totals["validation_docs"],
         "duplicate_rate": totals["duplicate_rate"],
         "max_mixture_error_pp": totals["max_mixture_error_pp"],
+        **_timings(file_stats, timings),  # in the manifest only: the artifact's files are the same on every run
     }
+
+
+def _timings(file_stats: list[dict[str, Any]], timings: dict[str, float]) -> dict[str, float]:
+    phase = {k: sum(fs["timings"][k] for fs in file_stats) for k in ("extract", "filter", "dedup_keys")}
+    return {**timings, "cpu_extract_s": phase["extract"], "cpu_filter_s": phase["filter"],
+            "cpu_dedup_keys_s": phase["dedup_keys"], "mb_in": sum(fs["bytes_in"] for fs in file_stats) / 1e6}  # fmt: skip
 
 
 def _source_stats(cfg, jobs, file_stats, split_counts, removed) -> dict[str, dict[str, Any]]:
@@ -584,7 +606,7 @@ def _source_stats(cfg, jobs, file_stats, split_counts, removed) -> dict[str, dic
     return stats
 
 
-def _finish_stats(cfg, stats, output_jobs, written, epochs, total, file_stats, timings) -> dict[str, Any]:
+def _finish_stats(cfg, stats, output_jobs, written, epochs, total, file_stats) -> dict[str, Any]:
     for job, w in zip(output_jobs, written, strict=True):
         stats[job.source].setdefault("mixed_docs", 0)
         stats[job.source].setdefault("mixed_chars", 0)
@@ -599,8 +621,6 @@ def _finish_stats(cfg, stats, output_jobs, written, epochs, total, file_stats, t
     docs_in = sum(s["after_filter"] for s in stats.values())
     dups = sum(sum(s["duplicates"].values()) for s in stats.values())
     records = sum(fs["counts"].get("records", 0) for fs in file_stats)
-    mb_in = sum(fs["bytes_in"] for fs in file_stats) / 1e6
-    phase = {k: sum(fs["timings"][k] for fs in file_stats) for k in ("extract", "filter", "dedup_keys")}
     return {
         "sources": stats,
         "totals": {
@@ -614,13 +634,6 @@ def _finish_stats(cfg, stats, output_jobs, written, epochs, total, file_stats, t
             "validation_docs": sum(s["validation_docs"] for s in stats.values()),
             "max_mixture_error_pp": 100
             * max(abs(s["achieved_fraction"] - s["target_fraction"]) for s in stats.values()),
-        },
-        "timings": {
-            **timings,
-            "cpu_extract_s": phase["extract"],
-            "cpu_filter_s": phase["filter"],
-            "cpu_dedup_keys_s": phase["dedup_keys"],
-            "mb_in": mb_in,
         },
     }
 

@@ -37,6 +37,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import urllib.robotparser
+import uuid
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import deque
@@ -55,7 +56,7 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 3  # 3: the pydoc crawl covers the standard library only (it followed the virtualenv)
+VERSION = 4  # 4: the crawl's WARCs are byte-identical across runs (canonical host, fixed dates and record ids)
 CONVERTERS = ("mediawiki", "files", "chatterbot", "chatterbot_chat", "evals_chat", "evals_choice")
 
 
@@ -87,10 +88,11 @@ class ArchiveConfig:
 @dataclass
 class CrawlConfig:
     enabled: bool = True
-    max_pages: int = 150
-    max_depth: int = 3
+    max_pages: int = 400
+    max_depth: int = 2
     delay_s: float = 0.0  # between requests; the server is our own local pydoc
-    seeds: list[str] = field(default_factory=lambda: ["/"])
+    # The language reference (topics, keywords) is prose; module pages follow breadth-first.
+    seeds: list[str] = field(default_factory=lambda: ["/topics.html", "/keywords.html"])
     user_agent: str = "gptline-crawler/0.1"
     pages_per_warc: int = 50  # Common Crawl splits a crawl into many WARC files; readers fan out per file
     timeout_s: float = 30.0
@@ -317,9 +319,26 @@ class _Links(HTMLParser):
             self.links += [value for name, value in attrs if name == "href" and value]
 
 
-def crawl(base_url: str, cfg: CrawlConfig, out: Path) -> dict[str, int]:
+# A crawl of our own server is recorded as if from one canonical host at one moment, with record ids derived from
+# what they hold, so the same pages give byte-identical WARC files on every run (the server's port and clock are
+# accidents of the run).
+CANONICAL_HOST = "pydoc.localhost"
+CRAWL_DATE = "2024-01-01T00:00:00Z"
+HTTP_DATE = "Mon, 01 Jan 2024 00:00:00 GMT"
+ADDRESSES = re.compile(rb"(\bat(?: |&nbsp;)0x|\bhandle )[0-9a-f]{6,}")  # in object reprs: where the heap happened to be
+
+
+def _pinned(record: Any, key: str) -> Any:
+    """A WARC record with a fixed date and an id derived from `key` (warcio draws a random one and uses the clock)."""
+    record.rec_headers.replace_header("WARC-Record-ID", f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, key)}>")
+    record.rec_headers.replace_header("WARC-Date", CRAWL_DATE)
+    return record
+
+
+def crawl(base_url: str, cfg: CrawlConfig, out: Path, canonical_host: str) -> dict[str, int]:
     """Breadth-first, same host, robots.txt obeyed; every fetched page is a WARC request + response pair, in
-    files of `pages_per_warc` pages (crawl-00000.warc.gz, ...)."""
+    files of `pages_per_warc` pages (crawl-00000.warc.gz, ...). URLs, the Host header and links in the pages name
+    `canonical_host` instead of the server's, and the records are pinned (see `_pinned`)."""
     host = urllib.parse.urlsplit(base_url).netloc
     robots = urllib.robotparser.RobotFileParser(urllib.parse.urljoin(base_url, "/robots.txt"))
     try:
@@ -335,9 +354,8 @@ def crawl(base_url: str, cfg: CrawlConfig, out: Path) -> dict[str, int]:
             if counts["fetched"] % cfg.pages_per_warc == 0 and (writer is None or counts["fetched"]):
                 name = f"crawl-{counts['warc_files']:05d}.warc.gz"
                 writer = WARCWriter(files.enter_context(open(out / name, "wb")), gzip=True)
-                writer.write_record(
-                    writer.create_warcinfo_record(name, {"software": "gptline fetch", "format": "WARC/1.1"})
-                )
+                info = writer.create_warcinfo_record(name, {"software": "gptline fetch", "format": "WARC/1.1"})
+                writer.write_record(_pinned(info, name))
                 counts["warc_files"] += 1
             url, depth = queue.popleft()
             if not robots.can_fetch(cfg.user_agent, url):
@@ -354,14 +372,18 @@ def crawl(base_url: str, cfg: CrawlConfig, out: Path) -> dict[str, int]:
                 counts["errors"] += 1
                 continue
             path = urllib.parse.urlsplit(url).path or "/"
+            target = url.replace(host, canonical_host, 1)
+            page = ADDRESSES.sub(rb"\g<1>0", body.replace(host.encode(), canonical_host.encode()))
+            headers = [(k, HTTP_DATE if k.lower() == "date" else v.replace(host, canonical_host)) for k, v in headers]
             request_headers = StatusAndHeaders(
-                f"GET {path} HTTP/1.1", [("Host", host), ("User-Agent", cfg.user_agent)], is_http_request=True
+                f"GET {path} HTTP/1.1", [("Host", canonical_host), ("User-Agent", cfg.user_agent)], is_http_request=True
             )
-            writer.write_record(writer.create_warc_record(url, "request", http_headers=request_headers))
             response_headers = StatusAndHeaders(f"{status} {reason}", headers, protocol="HTTP/1.1")
-            writer.write_record(
-                writer.create_warc_record(url, "response", payload=io.BytesIO(body), http_headers=response_headers)
-            )
+            for record in (
+                writer.create_warc_record(target, "request", http_headers=request_headers),
+                writer.create_warc_record(target, "response", payload=io.BytesIO(page), http_headers=response_headers),
+            ):
+                writer.write_record(_pinned(record, f"{target} {record.rec_type}"))
             counts["fetched"] += 1
             content_type = dict((k.lower(), v) for k, v in headers).get("content-type", "")
             if status == 200 and "html" in content_type and depth < cfg.max_depth:
@@ -376,6 +398,12 @@ def crawl(base_url: str, cfg: CrawlConfig, out: Path) -> dict[str, int]:
     return counts
 
 
+PYDOC_SERVER = (
+    "import sys; sys.path.remove(''); sys.argv = sys.orig_argv = ['pydoc']; "
+    "import pydoc; pydoc.browse({port}, open_browser=False, hostname='127.0.0.1')"
+)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -386,9 +414,13 @@ def crawl_pydoc(cfg: CrawlConfig, out: Path) -> dict[str, int]:
     """Serve pydoc on a free local port, crawl it into WARC files in `out`, stop the server."""
     port = _free_port()
     server = subprocess.Popen(
-        # -I -S: the standard library only (no site-packages, no user environment), so the crawl is the same
-        # for a given Python whatever else is installed in the virtualenv.
-        [sys.executable, "-I", "-S", "-m", "pydoc", "-n", "127.0.0.1", "-p", str(port)],
+        # -s -S and no current directory on the path: the standard library only, so the crawl is the same for a
+        # given Python whatever else is installed in the virtualenv or lies in the working directory. The server's
+        # command line and environment are on the pages it serves (sys.argv on sys's, os.environ on os's): it gets
+        # a fixed one and an empty one, so neither a port nor a secret ends up in the corpus; a fixed hash seed
+        # keeps the order of the sets it shows.
+        [sys.executable, "-s", "-S", "-c", PYDOC_SERVER.format(port=port)],
+        env={"PYTHONHASHSEED": "0"},
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -404,7 +436,7 @@ def crawl_pydoc(cfg: CrawlConfig, out: Path) -> dict[str, int]:
                 if time.time() > deadline or server.poll() is not None:
                     raise GptlineError("fetch.crawl: the local pydoc server did not start") from None
                 time.sleep(0.2)
-        return crawl(base, cfg, out)
+        return crawl(base, cfg, out, CANONICAL_HOST)
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -53,6 +53,7 @@ from gptline.training.worker import TrainedModel
 from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
+from pipeline.versioning import unversioned
 
 VERSION = 2
 KL_ESTIMATORS = ("k1", "k3")
@@ -111,9 +112,9 @@ class PPOConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     placement: str = "colocated"  # where the reference and reward models run: colocated | separate
     frozen_resources: FrozenResources = field(default_factory=FrozenResources)
-    checkpoint_every: int = 5
-    keep_checkpoints: int = 2
-    num_samples: int = 4  # answers shown per iteration
+    checkpoint_every: int = unversioned(5)  # PPO has no rollback: checkpoints serve resume alone
+    keep_checkpoints: int = unversioned(2)
+    num_samples: int = unversioned(4)  # answers shown per iteration
     seed: int = 0
 
     def validate(self) -> list[tuple[str, str]]:

@@ -28,7 +28,7 @@ from gptline.data.tokenizer import load_tokenizer
 from gptline.model.export import export, load
 from gptline.model.generate import SamplingConfig, generate
 from gptline.model.gpt import GPT, ModelConfig
-from gptline.training.config import TrainConfig, micro_batch
+from gptline.training.config import OptimConfig, TrainConfig, micro_batch
 from gptline.training.driver import train
 from gptline.training.engine import checkpoint_blocks, compile_blocks, flops_per_token, measured_peak_flops
 from gptline.training.fit import Schedule
@@ -39,6 +39,7 @@ from gptline.training.worker import TrainedModel, worker_threads
 from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
+from pipeline.versioning import unversioned
 
 VERSION = 2
 
@@ -46,11 +47,12 @@ VERSION = 2
 @dataclass
 class PretrainConfig(TrainConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=30))
     seq_len: int = 0  # 0: the model's max_seq_len
-    sample_prompts: list[str] = field(default_factory=lambda: ["The history of", "def main():", "Q: What is"])
+    sample_prompts: list[str] = unversioned(default_factory=lambda: ["The history of", "def main():", "Q: What is"])
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (gptline/training/engine.py: compile_blocks)
-    peak_flops: float = 0.0  # per worker, for MFU; 0: measure the fp32 matmul peak (CPU)
+    peak_flops: float = unversioned(0.0)  # per worker, for MFU; 0: measure the fp32 matmul peak (CPU)
 
     def validate(self) -> list[tuple[str, str]]:
         return super().validate() + at_least(self, 1, "steps") + at_least(self, 0, "seq_len")

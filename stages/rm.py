@@ -32,7 +32,7 @@ from gptline.data.formats import COMPARISONS, REWARD_STATS, load_ragged, save_ra
 from gptline.model.export import export, load
 from gptline.model.gpt import ScalarModel, rewards_at, rewards_at_last
 from gptline.training.collectives import all_reduce_sum
-from gptline.training.config import TrainConfig, micro_batch
+from gptline.training.config import OptimConfig, TrainConfig, micro_batch
 from gptline.training.driver import train
 from gptline.training.fit import Schedule
 from gptline.training.loaders import ExampleLoader, collate_packed_sequences, pad_rows
@@ -50,12 +50,13 @@ COLUMNS = ("chosen", "rejected", "weight")
 
 @dataclass
 class RMConfig(TrainConfig):
-    data: list[str] = field(default_factory=lambda: ["{fetch}/preferences/*.jsonl"])
+    data: list[str] = field(default_factory=lambda: ["{fetch}/preferences_*/*.jsonl"])  # the fetch stage's pairs
     validation_fraction: float = 0.1
     steps: int = 0  # 0: set by epochs
     epochs: float = 1.0  # InstructGPT: one epoch; more overfits
     max_len: int = 0  # tokens per side; 0: the model's context
     packing: bool = True  # several sequences per row (see sft.packing): the same rewards in fewer rows
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0))
 
     def validate(self) -> list[tuple[str, str]]:
         problems = super().validate() + at_least(self, 0, "max_len")

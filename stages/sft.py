@@ -33,7 +33,7 @@ from gptline.model.export import export, load
 from gptline.model.generate import SamplingConfig, generate
 from gptline.model.gpt import GPT
 from gptline.model.lora import LoRAConfig, apply_lora, merge_lora
-from gptline.training.config import TrainConfig, micro_batch
+from gptline.training.config import OptimConfig, TrainConfig, micro_batch
 from gptline.training.driver import train
 from gptline.training.fit import Schedule
 from gptline.training.loaders import ExampleLoader, collate_examples, collate_packed_examples, pack_rows
@@ -43,6 +43,7 @@ from gptline.training.worker import TrainedModel
 from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
+from pipeline.versioning import unversioned
 
 VERSION = 3
 SPLITS = ("train", "validation")
@@ -50,13 +51,17 @@ SPLITS = ("train", "validation")
 
 @dataclass
 class SFTConfig(TrainConfig):
-    data: list[str] = field(default_factory=lambda: ["{fetch}/sft/*.jsonl"])
-    validation_fraction: float = 0.05
+    data: list[str] = field(default_factory=lambda: ["{fetch}/sft_*/*.jsonl"])  # the fetch stage's chat transcripts
+    validation_fraction: float = 0.1
     steps: int = 0  # 0: set by epochs
-    epochs: float = 3.0
+    epochs: float = 2.0
+    eval_every: int = 50
+    sample_every: int = 100
+    checkpoint_every: int = 50
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.0))
     max_len: int = 0  # tokens per example; 0: the model's context
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    num_samples: int = 4  # held-out prompts answered at every sample_every
+    num_samples: int = unversioned(4)  # held-out prompts answered at every sample_every
     # Several conversations share a row (attention kept inside each, positions restarting): the same loss as one
     # padded row per conversation, in fewer rows.
     packing: bool = True

@@ -29,13 +29,14 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from gptline.data.dedup import unit_hash
 from gptline.data.tokenizer import GPTLINE_TOKENS
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 1
+VERSION = 2  # 2: tokenizer.model no longer records the training file's path and the thread count
 MODEL_TYPES = ("bpe", "char", "unigram")
 
 
@@ -154,7 +155,20 @@ def train(cfg: TokenizerConfig, sample: Path, prefix: Path, threads: int) -> spm
                 f"tokens it must hold: {message}"
             ) from e
         raise GptlineError(f"sentencepiece training failed on {sample}: {message}") from e
-    return spm.SentencePieceProcessor(model_file=f"{prefix}.model")
+    model = Path(f"{prefix}.model")
+    model.write_bytes(without_provenance(model.read_bytes(), prefix.name))
+    return spm.SentencePieceProcessor(model_file=str(model))
+
+
+def without_provenance(model: bytes, name: str) -> bytes:
+    """The model less what sentencepiece records of the run that trained it (the training file's path, the
+    output prefix, the thread count), so the same text gives the same bytes wherever and on whatever it ran."""
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.model_prefix = name
+    proto.trainer_spec.ClearField("num_threads")
+    return proto.SerializeToString()
 
 
 def hf_tokenizer(sp: spm.SentencePieceProcessor, special: SpecialTokens):

@@ -269,6 +269,33 @@ def test_under_the_runner_the_fan_out_runs_as_ray_tasks_and_matches_a_standalone
     assert not (committed / "_work").exists()
 
 
+def test_a_warc_source_added_from_the_command_line_alone_runs_and_is_reported_by_its_name(tmp_path, ray_session):
+    from gptline.cli.main import main
+    from pipeline.artifacts import Store
+    from pipeline.config import compose_config
+    from pipeline.dag import DAG
+    from stages import REGISTRY, crawl_mix
+
+    warc = str(needs(WARC_DIR / "dolma-sample-0000.warc.gz"))
+    drop = [f"~data.sources.{name}" for name in ("web", "wikipedia", "books", "code", "qa")]
+    added = ["+data.sources.mycrawl.type=warc", f"+data.sources.mycrawl.paths=[{warc}]"]
+    as_dict = [f"+data.sources.mycrawl={{type: warc, paths: [{warc}]}}"]
+
+    def version(overrides: list[str]) -> str:
+        config = compose_config(REGISTRY, ["fetch=none", *drop, *overrides])
+        return DAG(REGISTRY).versions({s.key: config[s.key] for s in REGISTRY}, ["crawl_mix"])["crawl_mix"]
+
+    assert version(added) == version(as_dict) != version([*added, "data.sources.mycrawl.weight=2"])
+    store = tmp_path / "store"
+    assert main(["run", f"store.root={store}", "tracking=disabled", "fetch=none", *drop, *added,
+                 "--until", "crawl_mix"]) == 0  # fmt: skip
+    [artifact] = Store(str(store)).list("crawl_mix")
+    [per_source, *_] = crawl_mix.report(Path(artifact.path))
+    assert per_source["categories"] == ["mycrawl"] and per_source["series"]["train_docs"][0] > 0
+    [run_dir] = (store / "runs").iterdir()
+    assert "mycrawl" in (run_dir / "report.html").read_text()
+
+
 def test_llama_mixture_config_encodes_the_paper_proportions():
     from pipeline.config import DEFAULT_CONFIG_DIR, compose_config
     from stages import REGISTRY

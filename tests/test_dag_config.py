@@ -109,3 +109,24 @@ def test_overrides_after_only_are_overrides_not_stage_names():
     args = parse_args(["run", "--only", "ppo", "ppo.iterations=3", "--until", "rm", "sft.epochs=1"])
     assert args.only == ["ppo"] and args.until == ["rm"]
     assert args.overrides == ["ppo.iterations=3", "sft.epochs=1"]
+
+
+def test_a_mapping_of_dataclasses_takes_new_entries_checked_like_any_key():
+    from stages import REGISTRY as RECIPE
+
+    def sources(*overrides: str) -> dict:
+        return compose_config(RECIPE, ["fetch=none", *overrides])["data"]["sources"]
+
+    added = sources("+data.sources.mine.type=warc", "+data.sources.mine.paths=[/x.warc.gz]", "~data.sources.web")
+    assert "web" not in added and added["mine"]["type"] == "warc" and added["mine"]["weight"] == 1.0
+    assert sources("+data.sources.mine={type: warc, paths: [/x.warc.gz]}")["mine"] == added["mine"]
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'data.sources.mine.typ'; did you mean 'data.sources.mine.type'"
+    ):
+        sources("+data.sources.mine.typ=warc")
+    with pytest.raises(ConfigError, match=r"'data.sources.wbe'; did you mean 'data.sources.web'\? To add an entry"):
+        sources("data.sources.wbe.weight=1")
+    with pytest.raises(ConfigError, match=r"invalid value for config key 'data.sources.mine.weight'"):
+        sources("+data.sources.mine={weight: heavy}")
+    resources = compose_config(RECIPE, ["+cluster.resources.extra.num_workers=3"])["cluster"]["resources"]
+    assert resources["extra"]["num_workers"] == 3 and resources["pretrain"]["num_workers"] == 2

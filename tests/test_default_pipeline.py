@@ -129,3 +129,25 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_ses
               for r in runs]  # fmt: skip
     assert states == [{"pretrain": "reused", "sft": "reused", "rm": "reused", "ppo": "done"}] * 3
     assert len(Store(str(store)).list("ppo")) == 4  # the first run's and one per point
+
+
+@pytest.mark.slow
+def test_two_fresh_stores_build_the_default_data_byte_for_byte_alike(tmp_path, ray_session):
+    """The default fetch (registry files and the pydoc crawl), crawl_mix, tokenizer and tokenize, built twice in two
+    fresh stores: the same versions and the same sha256 for every file (a smaller vocabulary keeps it short)."""
+    from gptline.cli.main import main
+
+    built = []
+    for name in ("a", "b"):
+        store = tmp_path / name
+        assert main(["run", f"store.root={store}", "tracking=disabled", "run.quiet=true", "tokenizer.vocab_size=512",
+                     "--until", "tokenize"]) == 0  # fmt: skip
+        built.append({a.stage: a for a in Store(str(store)).list()})
+    assert set(built[0]) == set(built[1]) == {"fetch", "crawl_mix", "tokenizer", "tokenize"}
+    for stage, a in built[0].items():
+        b = built[1][stage]
+        assert a.version == b.version
+        differ = sorted(f for f in a.manifest["files"].keys() | b.manifest["files"].keys()
+                        if a.manifest["files"].get(f) != b.manifest["files"].get(f))  # fmt: skip
+        assert differ == [], f"{stage}/{a.version}: these files differ between the two builds"
+        assert a.manifest["content"] == b.manifest["content"]

@@ -16,6 +16,7 @@ from pipeline.config import typed
 from pipeline.dag import StageContext, StageResources
 from pipeline.errors import GptlineError
 from stages import ppo
+from tests.identical import assert_identical_artifacts
 from tests.test_tokenizer import shakespeare_docs, train_tokenizer
 
 
@@ -178,6 +179,15 @@ def test_resume_mid_ppo_reproduces_the_uninterrupted_run(models, tmp_path, ray_s
         assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-6
     wa, wb = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("straight", "resumed"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+UNVERSIONED_CHANGES = {"checkpoint_every": 1, "keep_checkpoints": 1, "num_samples": 0}  # see tests/test_versioning.py
+
+
+def test_unversioned_fields_leave_the_artifact_unchanged(models, tmp_path, ray_session):
+    run_ppo(models, tmp_path / "a", workers=1, iterations=2)
+    run_ppo(models, tmp_path / "b", workers=1, iterations=2, **UNVERSIONED_CHANGES)
+    assert_identical_artifacts(tmp_path / "a", tmp_path / "b")
 
 
 def test_bad_config_fails_before_workers_start(models, tmp_path):

@@ -18,6 +18,7 @@ from pipeline.config import typed
 from pipeline.dag import StageContext, StageResources
 from pipeline.errors import GptlineError
 from stages import pretrain, tokenize, tokenizer
+from tests.identical import assert_identical_artifacts
 from tests.test_tokenizer import corpus, shakespeare_docs
 
 SMALL = {
@@ -64,6 +65,21 @@ def train(inputs, out: Path, workers: int, exist_ok: bool = False, **overrides) 
 
 def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# Every unversioned field of pretrain's config, changed from SMALL at once (tests/test_versioning.py checks the list).
+UNVERSIONED_CHANGES = {"eval_every": 1, "eval_batches": 1, "sample_every": 1, "sample_tokens": 3, "keep_checkpoints": 1,
+                       "sample_prompts": ["Once"], "peak_flops": 1e12}  # fmt: skip
+
+
+def test_unversioned_fields_leave_the_artifact_unchanged(inputs, tmp_path, ray_session):
+    base = {"steps": 4, "checkpoint_every": 2}
+    train(inputs, tmp_path / "a", workers=1, **base)
+    train(inputs, tmp_path / "b", workers=1, **base, **UNVERSIONED_CHANGES)
+    assert len(losses(tmp_path / "b")) == 4 and "samples" in json.loads(
+        (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()[0]
+    )
+    assert_identical_artifacts(tmp_path / "a", tmp_path / "b")
 
 
 def test_bad_inputs_fail_before_training(inputs, tmp_path):

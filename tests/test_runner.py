@@ -169,6 +169,40 @@ def test_sweep_reuses_shared_upstream_artifacts(pipeline, parallel):
     assert summary.count("total/") == 3
 
 
+def test_status_shows_a_reused_stage_as_built_and_diff_names_what_each_change_rebuilt(pipeline):
+    assert pipeline.run() == 0
+    first = pipeline.latest_run()
+    assert pipeline.run("squares.power=3", "tracking=offline") == 0
+    second = pipeline.latest_run()
+    pipeline.capsys.readouterr()
+    assert pipeline.cli("status") == 0
+    rows = {line.split()[0]: line for line in pipeline.capsys.readouterr().out.splitlines()[3:]}
+    assert "reused (built" in rows["numbers"] and "ago)" in rows["numbers"] and "rows=4000" in rows["numbers"]
+    assert "done" in rows["squares"] and "reused" not in rows["squares"]
+    report = (pipeline.store / "runs" / second / "report.html").read_text()
+    assert "rows=4000" in report  # the reused numbers' headline in the report's table too
+    assert pipeline.cli("diff", first, second) == 0
+    rows = {line.split()[0]: line for line in pipeline.capsys.readouterr().out.splitlines()[1:]}
+    assert rows["squares.power"].split()[1:3] == ["2", "3"] and rows["squares.power"].endswith("rebuilt squares total")
+    assert rows["tracking.mode"].endswith("not versioned")
+    assert rows["same"].split(": ")[1].split()[0].startswith("numbers/")
+    store = Store(str(pipeline.store))
+    [a, b] = sorted(store.list("squares"), key=lambda x: x.manifest["config"]["power"])
+    assert pipeline.cli("diff", a.ref, b.ref) == 0
+    out = pipeline.capsys.readouterr().out
+    assert "squares.power" in out and "versioned" in out and "content: DIFFERENT (" in out
+    assert pipeline.cli("show", a.ref, "--verify") == 0
+    assert f"content: {a.manifest['content']}" in pipeline.capsys.readouterr().out
+    # The same version built in another store: the same files, and diff across the stores says so.
+    from gptline.cli.main import main
+
+    other = pipeline.store.parent / "other"
+    assert main(["run", *TEST_DAG, f"store.root={other}", "tracking=disabled", "--until", "squares"]) == 0
+    pipeline.capsys.readouterr()
+    assert pipeline.cli("diff", a.ref, a.ref, "--other-store", str(other)) == 0
+    assert f"content: identical ({a.manifest['content'][:12]})" in pipeline.capsys.readouterr().out
+
+
 def test_status_ls_show_and_gc(pipeline):
     assert pipeline.run() == 0
     assert pipeline.run("numbers.seed=1") == 0

@@ -19,6 +19,7 @@ from pipeline.config import typed
 from pipeline.dag import StageContext, StageResources
 from pipeline.errors import GptlineError
 from stages import rm, sft
+from tests.identical import assert_identical_artifacts
 from tests.test_tokenizer import SHAKESPEARE, shakespeare_docs, train_tokenizer
 
 SHARED = SHAKESPEARE.parent.parent
@@ -88,6 +89,20 @@ def test_sft_trains_on_conversations_skipping_bad_records(chat_data, tmp_path, r
     assert isinstance(model, GPT) and (tmp_path / "sft" / "tokenizer_meta.json").exists()
 
 
+# Every unversioned field of sft's and rm's configs, changed from SMALL at once (tests/test_versioning.py checks it).
+TRAINING_CHANGES = {"eval_every": 1, "eval_batches": 1, "sample_every": 1, "sample_tokens": 3, "keep_checkpoints": 1}
+SFT_CHANGES = {**TRAINING_CHANGES, "num_samples": 1}
+RM_CHANGES = TRAINING_CHANGES
+
+
+def test_sft_unversioned_fields_leave_the_artifact_unchanged(chat_data, tmp_path, ray_session):
+    base = {"steps": 4, "checkpoint_every": 2}
+    run_sft(chat_data, tmp_path / "a", workers=1, **base)
+    run_sft(chat_data, tmp_path / "b", workers=1, **base, **SFT_CHANGES)
+    assert len(log(tmp_path / "b")[0]["samples"]) == 1
+    assert_identical_artifacts(tmp_path / "a", tmp_path / "b")
+
+
 def test_sft_with_lora_changes_only_the_adapted_layers_and_exports_plain_weights(chat_data, tmp_path, ray_session):
     run_sft(chat_data, tmp_path / "lora", workers=1, steps=4, lora={"rank": 4, "target_modules": ["q_proj", "v_proj"]})
     base, tuned = (load_file(str(p / "model.safetensors")) for p in (chat_data["pretrain"], tmp_path / "lora"))
@@ -117,20 +132,36 @@ def test_sft_resume_after_a_killed_worker_reproduces_the_straight_run(chat_data,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_rm_stage_on_rankings_writes_reward_statistics(chat_data, tmp_path, ray_session):
-    sft_dir = chat_data["pretrain"]  # any exported language model with the tokenizer files serves as the trunk
-    prefs = tmp_path / "prefs"
-    prefs.mkdir()
+def rankings(tmp: Path) -> Path:
+    prefs = tmp / "prefs"
+    prefs.mkdir(exist_ok=True)
     records = [{"prompt": f"Name a number near {i}.", "completions": [str(i), str(i + 50), "banana", "?"],
                 "ranking": [0, 1, 2, 3]} for i in range(40)]  # fmt: skip
     records += [{"prompt": "Q", "chosen": "fine"}, {"prompt": "Q", "completions": ["a", "b"], "ranking": [1, 1]}]
     (prefs / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    out = tmp_path / "rm"
+    return prefs
+
+
+def run_rm(chat_data, prefs: Path, out: Path, workers: int = 2, **overrides) -> dict:
+    sft_dir = chat_data["pretrain"]  # any exported language model with the tokenizer files serves as the trunk
     out.mkdir()
     cfg = typed(rm.RMConfig, {"data": ["{fetch}/*.jsonl"], "steps": 4, "batch_size": 8, "eval_every": 4,
-                              "checkpoint_every": 4, "validation_fraction": 0.2})  # fmt: skip
-    ctx = StageContext("rm", resources=StageResources(num_workers=2), quiet=True)
-    final = rm.run(cfg, {"sft": sft_dir, "fetch": prefs}, out, ctx)
+                              "checkpoint_every": 4, "validation_fraction": 0.2, **overrides})  # fmt: skip
+    ctx = StageContext("rm", resources=StageResources(num_workers=workers), quiet=True)
+    return rm.run(cfg, {"sft": sft_dir, "fetch": prefs}, out, ctx)
+
+
+def test_rm_unversioned_fields_leave_the_artifact_unchanged(chat_data, tmp_path, ray_session):
+    prefs = rankings(tmp_path)
+    run_rm(chat_data, prefs, tmp_path / "a", workers=1, checkpoint_every=2)
+    run_rm(chat_data, prefs, tmp_path / "b", workers=1, checkpoint_every=2, **RM_CHANGES)
+    assert "val_accuracy" in log(tmp_path / "b")[0]
+    assert_identical_artifacts(tmp_path / "a", tmp_path / "b")
+
+
+def test_rm_stage_on_rankings_writes_reward_statistics(chat_data, tmp_path, ray_session):
+    out = tmp_path / "rm"
+    final = run_rm(chat_data, rankings(tmp_path), out)
     data = json.loads((out / "data.json").read_text())
     assert data["train_pairs"] + data["validation_pairs"] == 240  # 40 rankings of 4: 6 pairs each
     assert final["skipped_records"] == 2 and 0 <= final["val_accuracy"] <= 1

@@ -5,6 +5,7 @@
     gptline status [RUN_ID]
     gptline ls [STAGE]
     gptline show STAGE/VERSION [--verify]
+    gptline diff RUN_A RUN_B | STAGE/V1 STAGE/V2
     gptline gc [--dry-run]
     gptline report [RUN_ID]
     gptline submit [OVERRIDE ...] --address http://HEAD:8265 [--no-wait]
@@ -37,13 +38,13 @@ from typing import Any
 import ray
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-from gptline.cli import chat, plan
-from pipeline.artifacts import Store
+from gptline.cli import chat, diff, plan
+from pipeline.artifacts import Store, content_hash
 from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config, parse_overrides
 from pipeline.dag import DAG, load_registry
 from pipeline.errors import GptlineError, RunStopped
 from pipeline.report import write_report
-from pipeline.runner import WORKER_ENV, Runner, RunRecord, connect_ray, list_runs, new_run_id
+from pipeline.runner import WORKER_ENV, Runner, RunRecord, as_built, connect_ray, list_runs, new_run_id
 from pipeline.tune import load_spec, tune
 
 DEFAULT_REGISTRY = "stages:REGISTRY"
@@ -182,7 +183,7 @@ def sweep_summary(outcomes: list[tuple[int, list[str], str, bool, Store]]) -> st
         record = RunRecord(store, run_id, Path("."))
         nodes = [tuple(n) for n in record.meta().get("nodes", [])]
         versions.append(dict(nodes))
-        metrics.append(_metrics(record.node(nodes[-1][0])) if nodes else "")
+        metrics.append(_metrics(as_built(store, *nodes[-1], record.node(nodes[-1][0]))) if nodes else "")
     stages = list(dict.fromkeys(s for v in versions for s in v))
     shared = [s for s in stages if len({v.get(s) for v in versions}) == 1]
     differing = [s for s in stages if s not in shared]
@@ -391,8 +392,18 @@ def print_status(store: Store, run_id: str) -> None:
         state = node.get("state", "pending")
         if node.get("error"):
             state += f": {node['error']}"
+        node = as_built(store, stage, version, node)
+        if "built" in node:
+            state += f" (built {_age(time.time() - node['built'])} ago)"
         rows.append([stage, version, state, _duration(node), _metrics(node)])
     print(_table(rows, ["stage", "version", "state", "duration", "metrics"]))
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -433,6 +444,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.verify:
         store.verify(artifact, full=True)
         print(f"verified: every file of {artifact.ref} matches its sha256")
+        print(f"content: {content_hash(artifact.manifest.get('files', {}))} (equal for two builds exactly when "
+              "every file is)")  # fmt: skip
     print(json.dumps(artifact.manifest, indent=2, sort_keys=True))
     print("\nlineage:")
     _print_lineage(store.lineage(artifact.stage, artifact.version))
@@ -543,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("ref", help="STAGE/VERSION (a unique version prefix is enough)")
     show.add_argument("--verify", action="store_true", help="check every file's sha256")
     show.set_defaults(func=cmd_show)
+
+    diff_cmd = sub.add_parser("diff", parents=[common, store_opt], help="config differences of two runs or artifacts")
+    diff.add_arguments(diff_cmd)
+    diff_cmd.set_defaults(func=lambda args: diff.run(args, DEFAULT_REGISTRY))
 
     report = sub.add_parser("report", parents=[common, store_opt], help="write a run's HTML report")
     report.add_argument("run_id", nargs="?", help="default: the newest run")

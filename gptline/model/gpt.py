@@ -27,7 +27,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelConfig:
-    dim: int = 256
+    dim: int = 192
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: multi-head attention; fewer than n_heads: grouped-query attention

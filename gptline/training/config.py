@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from pipeline.checks import at_least
 from pipeline.errors import GptlineError
+from pipeline.versioning import unversioned
 
 SCHEDULES = ("cosine", "constant")
 
@@ -75,12 +76,16 @@ class TrainConfig:
     batch_size: int = 16  # examples (rows) per optimizer step, over all workers (global batch)
     grad_accum: int = 1
     seed: int = 0
-    eval_every: int = 100
-    eval_batches: int = 8
-    sample_every: int = 150
-    sample_tokens: int = 40
+    # What is measured and how often: evaluation and samples run without gradients, samples from a generator of
+    # their own, so the weights do not depend on these.
+    eval_every: int = unversioned(100)
+    eval_batches: int = unversioned(8)
+    sample_every: int = unversioned(150)
+    sample_tokens: int = unversioned(40)
+    # Versioned: the loss guard's rollback returns to the last checkpoint, so where checkpoints fall can change the
+    # weights of a run that rolls back. How many are kept cannot.
     checkpoint_every: int = 100
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = unversioned(2)
     guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self) -> list[tuple[str, str]]:
