@@ -191,11 +191,11 @@ def test_status_ls_show_and_gc(pipeline):
         path.rmdir() if path.is_dir() else path.unlink()
     (pipeline.store / "runs" / second).rmdir()
     (pipeline.store / "squares" / "0123456789ab.partial").mkdir()
-    assert pipeline.cli("gc", "--dry-run") == 0
+    assert pipeline.cli("gc", "--dry-run", "--min-age-s", "0") == 0
     out = pipeline.capsys.readouterr().out
     assert out.count("would remove") == 5 and new.version in out and old.version not in out
     assert len(Store(str(pipeline.store)).list()) == 8
-    assert pipeline.cli("gc") == 0
+    assert pipeline.cli("gc", "--min-age-s", "0") == 0
     assert {a.ref for a in Store(str(pipeline.store)).list()} == {
         f"{a.stage}/{a.version}" for a in Store(str(pipeline.store)).list() if a.manifest["run_id"] != second
     }

@@ -38,15 +38,17 @@ import ray
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
 from gptline.cli import chat, plan
-from pipeline.artifacts import Store
-from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config, parse_overrides
+from pipeline.artifacts import LOCK, PARTIAL, Store
+from pipeline.config import DEFAULT_CONFIG_DIR, RunConfig, compose_config, load_config, parse_overrides
 from pipeline.dag import DAG, load_registry
 from pipeline.errors import GptlineError, RunStopped
+from pipeline.redact import redact_text
 from pipeline.report import write_report
 from pipeline.runner import WORKER_ENV, Runner, RunRecord, connect_ray, list_runs, new_run_id
 from pipeline.tune import load_spec, tune
 
 DEFAULT_REGISTRY = "stages:REGISTRY"
+GC_MIN_AGE_S = 3600.0  # a partial directory younger than this may belong to a build that just started
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Never uploaded with a submitted job: environments, stores, caches, VCS data.
 SUBMIT_EXCLUDES = [".venv", ".venv-trl", "store", ".git", "**/__pycache__", ".pytest_cache", ".ruff_cache", "wandb"]
@@ -156,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def point(i: int) -> tuple[int, list[str], str, bool, Store]:
         if args.multirun:
-            print(f"\n== sweep point {i}: {' '.join(points[i]) or '(defaults)'}", flush=True)
+            print(redact_text(f"\n== sweep point {i}: {' '.join(points[i]) or '(defaults)'}"), flush=True)
         return (i, points[i], *_start_run(args, dag, points[i], configs[i]))
 
     if parallel == 1:
@@ -170,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if started:
                 ray.shutdown()
     if args.multirun and not args.dry_run:
-        print("\n" + sweep_summary(outcomes))
+        print("\n" + redact_text(sweep_summary(outcomes)))
     return 0 if all(ok for _, _, _, ok, _ in outcomes) else 1
 
 
@@ -440,11 +442,17 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    """Remove partial directories nobody is building and artifacts no run record refers to (with inputs)."""
+    """Remove artifacts no run record refers to (with their inputs), stale leases, and partial directories nobody
+    builds or will resume. Never touched: a version whose lease is live. Kept unless --force: the partial
+    directories of runs not done (`gptline resume` continues them) and those written within --min-age-s."""
     store = Store(args.store)
     keep: set[str] = set()
+    resumable: set[str] = set()
     for run_id in list_runs(store):
-        nodes = RunRecord(store, run_id, Path(".")).meta().get("nodes", [])
+        meta = RunRecord(store, run_id, Path(".")).meta()
+        nodes = meta.get("nodes", [])
+        if meta.get("status") != "done":
+            resumable |= {store.artifact_path(s, v) for s, v in nodes}
         stack = [f"{s}/{v}" for s, v in nodes]
         while stack:
             ref = stack.pop()
@@ -454,9 +462,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
             stage, version = ref.split("/")
             if store.is_committed(stage, version):
                 stack += [f"{s}/{v}" for s, v in store.load(stage, version, verify="none").inputs.items()]
-    locked = store.live_locks()
-    doomed = [p for p in store.uncommitted() if p.removesuffix(".partial") not in locked]
-    doomed += [a.path for a in store.list() if a.ref not in keep]
+    leases = store.leases(args.lease_ttl_s)
+    doomed = [path + LOCK for path, live in leases.items() if not live]
+    for path in store.uncommitted():
+        version = path.removesuffix(PARTIAL)
+        if leases.get(version):
+            print(f"keeping {path}: its build lease is live")
+        elif not args.force and version in resumable:
+            print(f"keeping {path}: a run that is not done needs it (gptline resume; --force removes it)")
+        elif not args.force and store.age_s(path) < args.min_age_s:
+            print(f"keeping {path}: written within --min-age-s {args.min_age_s:g} (--force removes it)")
+        else:
+            doomed.append(path)
+    doomed += [a.path for a in store.list() if a.ref not in keep and not leases.get(a.path)]
     for path in doomed:
         print(("would remove " if args.dry_run else "removing ") + path)
         if not args.dry_run:
@@ -551,6 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     gc = sub.add_parser("gc", parents=[common, store_opt], help="remove partial and unreferenced artifacts")
     gc.add_argument("--dry-run", action="store_true")
+    gc.add_argument("--min-age-s", type=float, default=GC_MIN_AGE_S,
+                    help="keep partial directories written more recently than this (default %(default)s)")  # fmt: skip
+    gc.add_argument("--lease-ttl-s", type=float, default=RunConfig.lock_ttl_s,
+                    help="a lease without a heartbeat for this long is stale (default: run.lock_ttl_s's)")  # fmt: skip
+    gc.add_argument("--force", action="store_true",
+                    help="also remove recent partial directories and those of runs not done (never a leased one)")  # fmt: skip
     gc.set_defaults(func=cmd_gc)
 
     for command in MODEL_COMMANDS:
@@ -608,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     except GptlineError as e:
         if args.debug:
             raise
-        print(f"gptline: error: {e}", file=sys.stderr)
+        print(f"gptline: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptline: interrupted", file=sys.stderr)

@@ -5,11 +5,14 @@ names from config and archives cannot escape the store or the artifact."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -58,22 +61,35 @@ def test_our_code_never_unpickles():
 
 SECRETS = {"WANDB_API_KEY": "wandb-secret-9f3c1e", "AWS_SECRET_ACCESS_KEY": "aws-secret-7d2b4a",
            "RAY_AUTH_TOKEN": "ray-token-5e8f0c", "HF_TOKEN": "hf-secret-1a6d9b"}  # fmt: skip
+# Planted in the run's config: a literal in a runtime env's variables and an ${oc.env:...} reference (its variable
+# set only in the environment).
+PLANTED = {"env_vars": "runtime-env-secret-3c9a", "oc.env": "oc-env-secret-b81f"}
+OVERRIDES = ["+cluster.runtime_env={env_vars:{MY_VAR:runtime-env-secret-3c9a,MY_TOKEN:'${oc.env:PLANTED_TOKEN}'}}"]
 
 
-def test_secrets_in_the_environment_never_reach_the_store(tmp_path):
-    store = tmp_path / "store"
+def test_secrets_never_reach_the_store_wandb_ray_logs_or_stdout(tmp_path):
+    """A real run with secrets in its environment and its config, then every byte it wrote is searched."""
+    store, ray_tmp = tmp_path / "store", Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray, with the secrets
-    env.update(SECRETS, PYTHONPATH=str(ROOT), WANDB_MODE="offline")
+    env.update(SECRETS, PLANTED_TOKEN=PLANTED["oc.env"], PYTHONPATH=str(ROOT), WANDB_MODE="offline",
+               RAY_TMPDIR=str(ray_tmp))  # fmt: skip
     command = [sys.executable, "-m", "gptline", "run", "--registry", REGISTRY, "--config-dir", CONFIG_DIR,
-               f"store.root={store}", "tracking=offline"]  # fmt: skip
-    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    written = [p for p in store.rglob("*") if p.is_file()]
-    assert any("wandb" in str(p) for p in written) and any(p.name == "config.json" for p in written)
-    for path in written:
-        data = path.read_bytes()
-        for name, secret in SECRETS.items():
-            assert secret.encode() not in data, f"{name} found in {path}"
+               f"store.root={store}", "tracking=offline", *OVERRIDES]  # fmt: skip
+    try:
+        out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        written = [p for root in (store, ray_tmp) for p in root.rglob("*") if p.is_file() and not p.is_socket()]
+        assert any("wandb" in str(p) for p in written) and any(p.name == "config.json" for p in written)
+        assert any(p.name == "raylet.out" for p in written) and any(p.name == "report.html" for p in written)
+        for name, secret in {**SECRETS, **PLANTED}.items():
+            assert secret not in out.stdout + out.stderr, f"{name} printed"
+            for path in written:
+                assert secret.encode() not in path.read_bytes(), f"{name} found in {path}"
+        record = json.loads((store / "runs" / sorted(os.listdir(store / "runs"))[0] / "config.json").read_text())
+        assert record["cluster"]["runtime_env"]["env_vars"] == {"MY_VAR": "<redacted>",
+                                                                "MY_TOKEN": "${oc.env:PLANTED_TOKEN}"}  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_config_names_cannot_escape_the_artifact():
