@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import report
+from tests.conftest import REGISTRY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -59,7 +60,7 @@ def test_a_run_ends_with_a_self_contained_report(pipeline):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script" not in page
     assert not re.search(r'(src|href)="https?://', page)  # nothing fetched from the network
     # `gptline report` writes the same page again for the newest run.
-    assert pipeline.cli("report") == 0
+    assert pipeline.cli("report", "--registry", REGISTRY) == 0
     assert pipeline.capsys.readouterr().out.strip().endswith("report.html")
 
 

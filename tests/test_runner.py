@@ -53,7 +53,7 @@ def test_killed_stage_leaves_no_artifact_and_resume_continues_from_its_partial_w
     assert node_states(pipeline.store, run_id)["numbers"] == "failed"
     assert node_states(pipeline.store, run_id)["total"] == "failed"  # never started: its input failed
 
-    assert pipeline.cli("resume", run_id) == 0
+    assert pipeline.resume(run_id) == 0
     assert sorted(pipeline.executions()) == ["evens", "numbers", "numbers", "squares", "total"]
     assert pipeline.chunks_written() == ["chunk0", "chunk1", "chunk2", "chunk3"]  # none written twice
     states = node_states(pipeline.store, run_id)

@@ -40,14 +40,16 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from gptline.cli import chat, plan
 from pipeline.artifacts import LOCK, PARTIAL, Store
 from pipeline.config import DEFAULT_CONFIG_DIR, RunConfig, compose_config, load_config, parse_overrides
-from pipeline.dag import DAG, load_registry
+from pipeline.dag import DAG, config_value, load_registry
 from pipeline.errors import GptlineError, RunStopped
-from pipeline.redact import redact_text
+from pipeline.redact import redact_config, redact_text, remember, restore_redacted, secret_values
 from pipeline.report import write_report
 from pipeline.runner import WORKER_ENV, Runner, RunRecord, connect_ray, list_runs, new_run_id
 from pipeline.tune import load_spec, tune
 
 DEFAULT_REGISTRY = "stages:REGISTRY"
+# Config keys whose values decide which code runs (besides the registry): checked by resume against the record.
+CODE_KEYS = ("cluster.runtime_env", "ppo.reward")
 GC_MIN_AGE_S = 3600.0  # a partial directory younger than this may belong to a build that just started
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Never uploaded with a submitted job: environments, stores, caches, VCS data.
@@ -198,13 +200,51 @@ def sweep_summary(outcomes: list[tuple[int, list[str], str, bool, Store]]) -> st
     return table + "\nshared by every point: " + (" ".join(f"{s}/{versions[0][s]}" for s in shared) or "nothing")
 
 
+def check_code_settings(recorded: dict[str, Any], local: dict[str, Any], trust_record: bool) -> None:
+    """The store is not trusted with code: whoever can write it must not choose what runs. Each code-bearing
+    setting of a run record must equal this command line's and local config's, or `--trust-record` accept it."""
+    differing = [f"{key}: the record has {recorded.get(key)!r}, this command has {local.get(key)!r}"
+                 for key in sorted(local) if recorded.get(key) != local[key]]  # fmt: skip
+    if differing and not trust_record:
+        raise GptlineError("the run record names other code than this command line and config would run ("
+                           + "; ".join(differing) + "); give the same settings, or --trust-record to run the "
+                           "record's (only for a store that nobody else can write)")  # fmt: skip
+
+
+def code_settings(registry: str, config: dict[str, Any]) -> dict[str, Any]:
+    """What decides which code runs: the registry module, the runtime env (pip packages, py_modules, working_dir,
+    environment), and every module a config names (CODE_KEYS); compared in their redacted form."""
+    settings = {"registry": registry}
+    for key in CODE_KEYS:
+        settings[key] = redact_config(config_value(config, key))
+    return settings
+
+
+def set_config_value(config: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        if not isinstance(config.get(key), dict):
+            return
+        config = config[key]
+    config[leaf] = value
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     store = Store(args.store)
     record = RunRecord(store, args.run_id, Path("."))
     meta = record.meta()
-    specs = load_registry(meta["registry"])
+    specs = load_registry(meta["registry"] if args.trust_record else args.registry)
+    local = compose_config(specs, args.overrides, Path(args.config_dir))
+    recorded = record.config()
+    check_code_settings(code_settings(meta["registry"], recorded), code_settings(args.registry, local),
+                        args.trust_record)  # fmt: skip
+    config = restore_redacted(recorded, local)  # secrets come from this command line and environment
+    if not args.trust_record:
+        for key in CODE_KEYS:  # the local value itself (the record's is redacted)
+            set_config_value(config, key, config_value(local, key))
     dag = DAG(specs)
-    config = load_config(specs, record.config())
+    config = load_config(specs, config)
+    remember(secret_values(config))
     runner = Runner(dag, config, store, meta["selection"], args.run_id)
     plans = runner.plan()
     print(f"resuming run {args.run_id}:")
@@ -404,6 +444,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise GptlineError(f"no runs in {store.uri}")
     run_id = args.run_id or runs[-1]
     registry = RunRecord(store, run_id, Path(".")).meta().get("registry", DEFAULT_REGISTRY)
+    check_code_settings({"registry": registry}, {"registry": args.registry}, args.trust_record)
     print(write_report(store, DAG(load_registry(registry)), run_id, Path(args.scratch).expanduser()))
     return 0
 
@@ -545,12 +586,19 @@ def build_parser() -> argparse.ArgumentParser:
     import_cmd.add_argument("path", help="a Hugging Face model directory, or an object-store URI (s3://...)")
     import_cmd.set_defaults(func=cmd_import)
 
-    resume = sub.add_parser("resume", parents=[common, store_opt], help="continue a failed or interrupted run")
-    resume.add_argument("run_id")
+    trust = argparse.ArgumentParser(add_help=False)
+    trust.add_argument("--trust-record", action="store_true",
+                       help="run the code the run record names (registry, runtime env, reward modules) even where "
+                            "this command line and config name other code")  # fmt: skip
+    resume = sub.add_parser("resume", parents=[common, store_opt, pipeline_opts, trust],
+                            help="continue a failed or interrupted run",
+                            usage="gptline resume RUN_ID [OVERRIDE ...] [options]   (the overrides give what the "
+                                  "record does not keep: secrets, and the code settings to check)")  # fmt: skip
+    resume.add_argument("run_id", type=_run_id)
     resume.set_defaults(func=cmd_resume)
 
     status = sub.add_parser("status", parents=[common, store_opt], help="a run's stages and their states")
-    status.add_argument("run_id", nargs="?")
+    status.add_argument("run_id", nargs="?", type=_run_id)
     status.set_defaults(func=cmd_status)
 
     ls = sub.add_parser("ls", parents=[common, store_opt], help="list committed artifacts")
@@ -562,8 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--verify", action="store_true", help="check every file's sha256")
     show.set_defaults(func=cmd_show)
 
-    report = sub.add_parser("report", parents=[common, store_opt], help="write a run's HTML report")
-    report.add_argument("run_id", nargs="?", help="default: the newest run")
+    report = sub.add_parser("report", parents=[common, store_opt, trust], help="write a run's HTML report")
+    report.add_argument("run_id", nargs="?", type=_run_id, help="default: the newest run")
+    report.add_argument("--registry", default=os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY),
+                        help="the stages whose report hooks draw the run (checked against the record's)")  # fmt: skip
     report.add_argument("--scratch", default="~/.cache/gptline/scratch", help="local copies of remote artifacts")
     report.set_defaults(func=cmd_report)
 
@@ -613,7 +663,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Overrides may stand before, between or after options, so they are whatever argparse does not know.
     args, extra = parser.parse_known_args(argv)
     unknown_options = [a for a in extra if a.startswith("-")]
-    if unknown_options or (extra and args.command not in ("run", "submit", "tune", "import")):
+    if unknown_options or (extra and args.command not in ("run", "submit", "tune", "import", "resume")):
         parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
     # `--only ppo ppo.iterations=3`: nargs="+" swallows the override; stage names never hold "=".
     for option in ("only", "until", "rebuild"):

@@ -83,5 +83,5 @@ def test_gc_keeps_the_partial_work_of_a_run_stopped_by_sigterm(pipeline):
     written = pipeline.chunks_written()
     assert pipeline.cli("gc", "--min-age-s", "0") == 0
     assert partial.is_dir()
-    assert pipeline.cli("resume", run_id) == 0
+    assert pipeline.resume(run_id) == 0
     assert pipeline.chunks_written() == [f"chunk{i}" for i in range(6)] and 2 <= len(written) < 6

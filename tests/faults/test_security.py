@@ -120,3 +120,58 @@ def test_refs_and_run_ids_from_the_command_line_cannot_escape_the_store(tmp_path
     with pytest.raises(SystemExit):
         main(["run", "--run-id", "../escape", "--dry-run"])
     assert not list(Path(tmp_path).glob("escape*"))
+
+
+@pytest.mark.parametrize("command", ["resume", "status", "report"])
+def test_run_ids_given_to_resume_status_and_report_cannot_escape_the_runs_directory(tmp_path, command):
+    from gptline.cli.main import main
+
+    outside = tmp_path / "store" / "escape"
+    outside.mkdir(parents=True)
+    (outside / "run.json").write_text(json.dumps({"run_id": "x", "registry": "stages:REGISTRY", "nodes": []}))
+    (tmp_path / "store" / "runs" / "ok").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        main([command, "../escape", "--store", str(tmp_path / "store")])
+
+
+EVIL_REGISTRY = """
+from pathlib import Path
+Path(__file__).with_name("imported").touch()
+from tests.parquet_stages import REGISTRY
+"""
+
+
+def test_resume_and_report_run_no_code_the_record_names_unless_trusted(pipeline, tmp_path, monkeypatch, capsys):
+    (tmp_path / "evil_registry.py").write_text(EVIL_REGISTRY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert pipeline.run() == 0
+    record = pipeline.store / "runs" / pipeline.latest_run()
+    meta = json.loads((record / "run.json").read_text())
+    (record / "run.json").write_text(json.dumps({**meta, "registry": "evil_registry:REGISTRY"}))
+    capsys.readouterr()
+    assert pipeline.resume(meta["run_id"]) == 2
+    error = capsys.readouterr().err
+    assert "'evil_registry:REGISTRY'" in error and f"'{REGISTRY}'" in error and "--trust-record" in error
+    assert pipeline.cli("report", "--registry", REGISTRY) == 2
+    assert not (tmp_path / "imported").exists()
+
+    (record / "run.json").write_text(json.dumps(meta))
+    config = json.loads((record / "config.json").read_text())
+    config["cluster"]["runtime_env"] = {"py_modules": ["s3://attacker/payload.zip"]}
+    (record / "config.json").write_text(json.dumps(config))
+    assert pipeline.resume(meta["run_id"]) == 2
+    assert "cluster.runtime_env" in capsys.readouterr().err
+
+    (record / "run.json").write_text(json.dumps({**meta, "registry": "evil_registry:REGISTRY"}))
+    assert pipeline.resume(meta["run_id"], "--trust-record") == 0  # the operator vouches for the store
+    assert (tmp_path / "imported").exists()
+
+
+def test_a_run_recorded_without_its_secrets_resumes_with_them_given_again(pipeline, capsys):
+    secret = "+cluster.runtime_env={env_vars:{MY_VAR:resume-secret-6e0d}}"
+    assert pipeline.run(secret, "run.max_retries=0", "numbers.chunks=3") == 0
+    run_id = pipeline.latest_run()
+    assert "resume-secret-6e0d" not in (pipeline.store / "runs" / run_id / "config.json").read_text()
+    assert pipeline.resume(run_id) == 2  # the record's runtime env is not this command's
+    assert "cluster.runtime_env" in capsys.readouterr().err
+    assert pipeline.resume(run_id, secret) == 0
