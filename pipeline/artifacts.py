@@ -355,12 +355,25 @@ class Store:
         if self.exists(leftover):
             self.delete(leftover)
 
-    def localize(self, artifact: Artifact, scratch: Path) -> Path:
-        """A local directory holding the artifact's files (the artifact itself on a local store)."""
+    def localize(self, artifact: Artifact, scratch: Path, max_file_bytes: int | None = None) -> Path:
+        """A local directory holding the artifact's files (the artifact itself on a local store). With
+        `max_file_bytes`, only the files up to that size are fetched from an object store (what a report reads:
+        stats and logs, not corpora, shards or weights)."""
         if self.is_local:
             return Path(artifact.path)
-        local = scratch / "inputs" / artifact.stage / artifact.version
-        _download_dir(self.fs, artifact.path, local)
+        if max_file_bytes is None:
+            local = scratch / "inputs" / artifact.stage / artifact.version
+            _download_dir(self.fs, artifact.path, local)
+            return local
+        local = scratch / "small" / artifact.stage / artifact.version
+        files = artifact.manifest.get("files", {})
+        for rel in sorted(rel for rel, f in files.items() if f["size"] <= max_file_bytes):
+            target = local / rel
+            if not target.exists() or target.stat().st_size != files[rel]["size"]:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+                pafs.copy_files(f"{artifact.path}/{rel}", str(tmp), source_filesystem=self.fs)
+                os.replace(tmp, target)
         return local
 
     def mirror(self, stage: str, version: str, workdir: Path, inputs: dict[Path, Artifact]) -> NodeMirror:
