@@ -4,6 +4,8 @@ names from config and archives cannot escape the store or the artifact."""
 
 from __future__ import annotations
 
+import dataclasses
+import http.server
 import io
 import json
 import os
@@ -13,6 +15,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -175,3 +179,96 @@ def test_a_run_recorded_without_its_secrets_resumes_with_them_given_again(pipeli
     assert pipeline.resume(run_id) == 2  # the record's runtime env is not this command's
     assert "cluster.runtime_env" in capsys.readouterr().err
     assert pipeline.resume(run_id, secret) == 0
+
+
+BACKEND = """
+from pathlib import Path
+Path(MARKER).touch()
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    raise RuntimeError("the backend ran")
+"""
+
+
+def test_an_sdist_is_checked_against_its_sha256_before_its_build_backend_runs(tmp_path, monkeypatch):
+    """A registry (here a local find-links directory) serving a tampered sdist: pip must refuse it by hash, never
+    run the build backend it carries."""
+    source = tmp_path / "evil-1.0"
+    source.mkdir()
+    (source / "pyproject.toml").write_text('[build-system]\nrequires = []\nbuild-backend = "backend"\n'
+                                           'backend-path = ["."]\n[project]\nname = "evil"\nversion = "1.0"\n')  # fmt: skip
+    (source / "backend.py").write_text(f"MARKER = {str(tmp_path / 'backend-ran')!r}\n" + BACKEND)
+    (source / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n")
+    index = tmp_path / "index"
+    index.mkdir()
+    with tarfile.open(index / "evil-1.0.tar.gz", "w:gz") as tf:
+        tf.add(source, arcname="evil-1.0")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    archive = fetch.ArchiveConfig(package="evil", version="1.0", filename="evil-1.0.tar.gz", sha256="ab" * 32)
+    with pytest.raises(GptlineError, match="evil-1.0.tar.gz"):
+        fetch.download(archive, tmp_path / "cache", "evil")
+    assert not (tmp_path / "backend-ran").exists()
+
+
+class Site(http.server.BaseHTTPRequestHandler):
+    """A site to crawl: links to a page, a huge page, an off-site redirect, a side-effect module's page and another
+    host; a robots.txt that never answers in time. Every request is noted on the server."""
+
+    def do_GET(self) -> None:
+        self.server.requests.append(self.path)
+        other = f"http://127.0.0.1:{self.server.other_port}"
+        pages = {"/": f'<a href="/a.html">a</a> <a href="/big.html">big</a> <a href="/away">away</a> '
+                      f'<a href="/this.html">this</a> <a href="{other}/x.html">x</a>',
+                 "/a.html": "<p>a page</p>", "/big.html": "x" * 5000, "/this.html": "<p>import this</p>"}  # fmt: skip
+        if self.path == "/robots.txt":
+            time.sleep(5)  # then hang up without an answer
+            return
+        if self.path == "/away":
+            self.send_response(302)
+            self.send_header("Location", f"{other}/stolen")
+            self.end_headers()
+            return
+        body = pages.get(self.path, "").encode()
+        self.send_response(200 if self.path in pages else 404)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def sites():
+    servers = []
+    for _ in range(2):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Site)
+        server.requests = []
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    servers[0].other_port, servers[1].other_port = servers[1].server_port, servers[0].server_port
+    yield servers
+    for server in servers:
+        server.shutdown()
+
+
+def test_the_crawl_stays_on_its_site_bounds_bodies_times_out_robots_and_skips_side_effect_pages(sites, tmp_path):
+    site, other = sites
+    cfg = fetch.CrawlConfig(timeout_s=1.0, max_body_bytes=1000)
+    start = time.time()
+    counts = fetch.crawl(f"http://127.0.0.1:{site.server_port}/", cfg, tmp_path)
+    assert time.time() - start < 4.5  # robots.txt waited for timeout_s, not for its 5 s
+    assert other.requests == []  # neither the link to the other host nor the redirect there was followed
+    assert "/this.html" not in site.requests and counts["excluded"] == 1
+    assert counts["oversized"] == 1 and counts["fetched"] == 3  # /, /a.html and the recorded 302 of /away
+    for seed in (
+        "file:///etc/passwd",
+        "http://169.254.169.254/latest/meta-data/",
+        f"http://127.0.0.1:{other.server_port}/",
+    ):
+        with pytest.raises(GptlineError, match=r"fetch\.crawl\.seeds\[0\]"):
+            fetch.crawl(f"http://127.0.0.1:{site.server_port}/", dataclasses.replace(cfg, seeds=[seed]), tmp_path)
+    assert [key for key, _ in fetch.CrawlConfig(seeds=["file:///etc/passwd"]).validate()] == ["seeds[0]"]
