@@ -1,5 +1,5 @@
-"""The cluster files are what they claim: valid YAML of the right kind, token auth on and the dashboard on localhost
-in every one, a Slurm script bash accepts, and the `remote` cluster config composing with per-stage resources."""
+"""The cluster files are what they claim: valid YAML of the right kind, token auth on and the dashboard internal
+in every one (localhost, or a ClusterIP service for the RayJob), a Slurm script bash accepts, and the `remote` cluster config composing with per-stage resources."""
 
 from __future__ import annotations
 
@@ -24,13 +24,15 @@ def test_ray_up_config_has_gpu_workers_token_auth_and_a_local_dashboard():
 
 
 def test_kuberay_manifests_use_token_auth_and_keep_the_dashboard_internal():
+    """The RayCluster's dashboard is reached by port-forward (localhost in the pod); the RayJob's by KubeRay's
+    submitter through the head service (all the pod's interfaces), a ClusterIP service with token auth on."""
     cluster = yaml.safe_load((CLUSTER / "kuberay-raycluster.yaml").read_text())
     job = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
     assert (cluster["kind"], job["kind"]) == ("RayCluster", "RayJob")
-    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+    for spec, host in ((cluster["spec"], "127.0.0.1"), (job["spec"]["rayClusterSpec"], "0.0.0.0")):
         assert spec["authOptions"]["mode"] == "token" and spec["rayVersion"] == "2.60.0"
         assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
-        assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+        assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == host
     assert "python -m gptline run cluster=remote" in job["spec"]["entrypoint"]
 
 
