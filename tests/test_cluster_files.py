@@ -1,5 +1,6 @@
 """The cluster files are what they claim: valid YAML of the right kind, token auth on and the dashboard internal
-in every one (localhost, or a ClusterIP service for the RayJob), a Slurm script bash accepts, and the `remote` cluster config composing with per-stage resources."""
+in every one (localhost, or a ClusterIP service for the RayJob), a Slurm script bash accepts, and the `remote`
+cluster config composing with per-stage resources."""
 
 from __future__ import annotations
 
