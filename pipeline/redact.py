@@ -26,7 +26,8 @@ from typing import Any
 REDACTED = "<redacted>"
 SECRET_WORDS = frozenset({"key", "token", "secret", "password", "passwd", "credential", "credentials"})
 ENV_VARS = "env_vars"
-MIN_SECRET_CHARS = 4  # shorter values would blank out ordinary text wherever they appear
+MIN_SECRET_CHARS = 8  # shorter values (NCCL_DEBUG: INFO) are redacted by key only: found in free text, they
+# would blank out ordinary words wherever those appear
 _WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 _USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]+@")
 _SECRET_QUERY = re.compile(

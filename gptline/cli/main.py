@@ -1,11 +1,11 @@
 """The `gptline` command (also `python -m gptline`).
 
     gptline run [OVERRIDE ...] [-m] [--dry-run] [--until STAGE ...] [--only STAGE ...]
-    gptline resume RUN_ID
+    gptline resume RUN_ID [OVERRIDE ...] [--trust-record]
     gptline status [RUN_ID]
     gptline ls [STAGE]
     gptline show STAGE/VERSION [--verify]
-    gptline gc [--dry-run]
+    gptline gc [--dry-run] [--force] [--min-age-s S]
     gptline report [RUN_ID]
     gptline submit [OVERRIDE ...] --address http://HEAD:8265 [--no-wait]
     gptline tune SPEC.yaml [OVERRIDE ...]
