@@ -50,3 +50,21 @@ def test_remote_cluster_config_composes_with_gpu_resources_per_stage():
     assert resources["pretrain"]["gpus_per_worker"] == 1 and resources["pretrain"]["num_workers"] == 16
     assert resources["evaluate"]["num_gpus"] == 1
     assert ".venv" in config["cluster"]["runtime_env"]["excludes"]
+
+
+def test_a_submitted_job_runs_under_the_python_of_the_clusters_ray(ray_session):
+    """The job's entrypoint, run as Ray runs it (a shell on the raylet's node, RAY_RAYLET_PID set) with a PATH whose
+    first `python` is not the cluster's, finds the interpreter the raylet starts its workers with."""
+    import os
+    import sys
+
+    import ray
+
+    from gptline.cli.main import job_entrypoint
+
+    raylet_pid = ray.get(ray.remote(lambda: os.environ["RAY_RAYLET_PID"]).remote())
+    entrypoint = job_entrypoint(["-c", "import sys, ray; print(sys.prefix)"])
+    out = subprocess.run(["sh", "-c", entrypoint], env={"PATH": "/usr/bin:/bin", "RAY_RAYLET_PID": raylet_pid},
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == sys.prefix

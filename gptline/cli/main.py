@@ -262,6 +262,18 @@ def _run_id(text: str) -> str:
     return text
 
 
+# The interpreter of the cluster's Ray: the raylet starts its Python workers with it (its --python_worker_command),
+# and a job's entrypoint runs under the raylet's node with RAY_RAYLET_PID set. The first `python` on the node's PATH
+# may be another one, without Ray (a cluster started as `.venv/bin/ray start`).
+RAY_PYTHON = ("$(tr '\\0' '\\n' < /proc/$RAY_RAYLET_PID/cmdline 2>/dev/null"
+              " | sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p')")  # fmt: skip
+
+
+def job_entrypoint(python_args: list[str]) -> str:
+    """The shell command a Ray Job runs: `python_args` under the cluster's Python (`python` where /proc is not)."""
+    return f'PY="{RAY_PYTHON}"; exec "${{PY:-python}}" {shlex.join(python_args)}'
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit `gptline run` to a cluster as a Ray Job: the working directory travels with it (runtime_env), the
     run id is chosen here so the caller knows it at once, and the store must be one every node and this client
@@ -290,7 +302,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except ValueError:
         raise GptlineError(f"--config-dir {args.config_dir}: must be inside the working directory "
                            f"{Path.cwd()}, which is what the job uploads") from None  # fmt: skip
-    command = ["python", "-m", "gptline", "run", "--registry", args.registry, "--config-dir", str(config_dir),
+    command = ["-m", "gptline", "run", "--registry", args.registry, "--config-dir", str(config_dir),
                *selection, "cluster=remote", "cluster.address=auto", *args.overrides]  # fmt: skip
     runtime_env = dict(config["cluster"]["runtime_env"] or {})
     runtime_env.setdefault("working_dir", ".")
@@ -301,7 +313,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     runtime_env["env_vars"] = {**WORKER_ENV, **grace, **(runtime_env.get("env_vars") or {})}
     try:
         client = JobSubmissionClient(args.address)
-        job = client.submit_job(entrypoint=shlex.join(command), submission_id=f"gptline-{run_id}",
+        job = client.submit_job(entrypoint=job_entrypoint(command), submission_id=f"gptline-{run_id}",
                                 runtime_env=runtime_env, metadata={"gptline_run_id": run_id})  # fmt: skip
     except (ConnectionError, RuntimeError) as e:
         raise GptlineError(f"submitting to {args.address} failed: {e} (token auth: RAY_AUTH_MODE=token and the "
