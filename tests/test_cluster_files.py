@@ -52,19 +52,22 @@ def test_remote_cluster_config_composes_with_gpu_resources_per_stage():
     assert ".venv" in config["cluster"]["runtime_env"]["excludes"]
 
 
+def run_as_job_entrypoint(entrypoint: str) -> tuple[int, str, str]:
+    """As Ray's job supervisor runs an entrypoint: a shell started by a Ray worker, Ray's internal variables
+    removed; here with a PATH whose first `python` is not the cluster's."""
+    out = subprocess.run(["sh", "-c", entrypoint], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    return out.returncode, out.stdout, out.stderr
+
+
 def test_a_submitted_job_runs_under_the_python_of_the_clusters_ray(ray_session):
-    """The job's entrypoint, run as Ray runs it (a shell on the raylet's node, RAY_RAYLET_PID set) with a PATH whose
-    first `python` is not the cluster's, finds the interpreter the raylet starts its workers with."""
-    import os
     import sys
 
     import ray
 
     from gptline.cli.main import job_entrypoint
 
-    raylet_pid = ray.get(ray.remote(lambda: os.environ["RAY_RAYLET_PID"]).remote())
     entrypoint = job_entrypoint(["-c", "import sys, ray; print(sys.prefix)"])
-    out = subprocess.run(["sh", "-c", entrypoint], env={"PATH": "/usr/bin:/bin", "RAY_RAYLET_PID": raylet_pid},
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == sys.prefix
+    code, out, err = ray.get(ray.remote(run_as_job_entrypoint).remote(entrypoint))
+    assert code == 0, err[-2000:]
+    assert out.strip() == sys.prefix

@@ -263,15 +263,19 @@ def _run_id(text: str) -> str:
 
 
 # The interpreter of the cluster's Ray: the raylet starts its Python workers with it (its --python_worker_command),
-# and a job's entrypoint runs under the raylet's node with RAY_RAYLET_PID set. The first `python` on the node's PATH
-# may be another one, without Ray (a cluster started as `.venv/bin/ray start`).
-RAY_PYTHON = ("$(tr '\\0' '\\n' < /proc/$RAY_RAYLET_PID/cmdline 2>/dev/null"
-              " | sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p')")  # fmt: skip
+# and a job's entrypoint is a shell whose parent, Ray's job supervisor, is one of those workers; the shell walks up
+# its ancestors to the raylet. The first `python` on the node's PATH may be another one, without Ray (a cluster
+# started as `.venv/bin/ray start`); it is only the fallback where there is no /proc.
+RAY_PYTHON = (
+    'p=$PPID; PY=; while [ -z "$PY" ] && [ "${p:-0}" -gt 1 ]; do'
+    " PY=$(tr '\\0' '\\n' < /proc/$p/cmdline 2>/dev/null | sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p');"
+    " p=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/$p/status 2>/dev/null); done"
+)
 
 
 def job_entrypoint(python_args: list[str]) -> str:
     """The shell command a Ray Job runs: `python_args` under the cluster's Python (`python` where /proc is not)."""
-    return f'PY="{RAY_PYTHON}"; exec "${{PY:-python}}" {shlex.join(python_args)}'
+    return f'{RAY_PYTHON}; exec "${{PY:-python}}" {shlex.join(python_args)}'
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
