@@ -42,11 +42,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.errors import CorruptArtifactError, StoreError
+from pipeline.redact import redact_strings, redact_text
 
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 TRANSIENT = "transient"  # in a work directory: kept until the commit, never part of the artifact
 LOCK = ".lock"
+WRITER = "writer.json"  # object stores: which Ray cluster writes the store (Store.claim_writer)
 RUNS_DIR = "runs"
 VERSION_CHARS = 12
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -161,7 +163,7 @@ class Store:
             self.fs, self.root = open_filesystem(root)
         else:
             self.fs, self.root = filesystem, root.rstrip("/")
-        self.uri = root if "://" in root or filesystem is not None else self.root
+        self.uri = redact_text(root if "://" in root or filesystem is not None else self.root)  # shown, never opened
         # Only a real local filesystem gets the rename commit and the lease-file lock; everything else is
         # treated as an object store.
         self.is_local = type(self.fs) is pafs.LocalFileSystem
@@ -199,7 +201,8 @@ class Store:
             return json.loads(f.read().decode())
 
     def write_json(self, path: str, obj: Any) -> None:
-        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        """Every string redacted (pipeline.redact): no known secret reaches a manifest or a run record."""
+        self.write_bytes(path, (json.dumps(redact_strings(obj), indent=2, sort_keys=True) + "\n").encode())
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Whole-file replace: readers see the old or the new content, never a torn one."""
@@ -358,12 +361,25 @@ class Store:
         if self.exists(leftover):
             self.delete(leftover)
 
-    def localize(self, artifact: Artifact, scratch: Path) -> Path:
-        """A local directory holding the artifact's files (the artifact itself on a local store)."""
+    def localize(self, artifact: Artifact, scratch: Path, max_file_bytes: int | None = None) -> Path:
+        """A local directory holding the artifact's files (the artifact itself on a local store). With
+        `max_file_bytes`, only the files up to that size are fetched from an object store (what a report reads:
+        stats and logs, not corpora, shards or weights)."""
         if self.is_local:
             return Path(artifact.path)
-        local = scratch / "inputs" / artifact.stage / artifact.version
-        _download_dir(self.fs, artifact.path, local)
+        if max_file_bytes is None:
+            local = scratch / "inputs" / artifact.stage / artifact.version
+            _download_dir(self.fs, artifact.path, local)
+            return local
+        local = scratch / "small" / artifact.stage / artifact.version
+        files = artifact.manifest.get("files", {})
+        for rel in sorted(rel for rel, f in files.items() if f["size"] <= max_file_bytes):
+            target = local / rel
+            if not target.exists() or target.stat().st_size != files[rel]["size"]:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+                pafs.copy_files(f"{artifact.path}/{rel}", str(tmp), source_filesystem=self.fs)
+                os.replace(tmp, target)
         return local
 
     def mirror(self, stage: str, version: str, workdir: Path, inputs: dict[Path, Artifact]) -> NodeMirror:
@@ -394,6 +410,7 @@ class Store:
             self.fs.delete_dir(final)
         fault_point(f"commit.{stage}.before_manifest")
         if self.is_local:
+            _fsync_tree(workdir)  # after a power loss a committed artifact holds whole files, never torn ones
             self.write_json(str(workdir / MANIFEST), manifest)
             fault_point(f"commit.{stage}.before_rename")
             os.rename(workdir, final)
@@ -422,33 +439,71 @@ class Store:
             self.fs.delete_dir(final)
 
     # ---- one builder per artifact ---------------------------------------------------------------------------
+    def _lease(self, path: str, ttl_s: float, heartbeat_s: float = 1.0) -> LeaseFile:
+        return (
+            LeaseFile(Path(path), ttl_s, heartbeat_s) if self.is_local else LeaseFile(path, ttl_s, heartbeat_s, self.fs)
+        )
+
     @contextlib.contextmanager
     def lock(self, stage: str, version: str, ttl_s: float, heartbeat_s: float) -> Iterator[None]:
-        """Hold the build lease of one artifact version; waits while another live process holds it."""
-        if not self.is_local:
-            raise StoreError(
-                f"store {self.uri!r}: lease-file locks need a local or NFS filesystem; the runner uses its "
-                "Ray lock table for object stores"
-            )
-        lease = LeaseFile(Path(self.artifact_path(stage, version) + LOCK), ttl_s, heartbeat_s)
+        """Hold the build lease of one artifact version, stored beside it; waits while another live process holds
+        it. On an object store the drivers of one cluster take turns first (the runner's Ray lock table)."""
+        lease = self._lease(self.artifact_path(stage, version) + LOCK, ttl_s, heartbeat_s)
         lease.acquire()
         try:
             yield
         finally:
             lease.release()
 
-    def live_locks(self) -> set[str]:
-        """Artifact paths (without the .lock suffix) whose lease is currently held by a live process."""
-        held: set[str] = set()
-        if not self.is_local:
-            return held
+    def leases(self, ttl_s: float) -> dict[str, bool]:
+        """Every lease in the store: its artifact path (without the .lock suffix) and whether a live process holds
+        it (a heartbeat within `ttl_s`)."""
+        found: dict[str, bool] = {}
         for name in self.stages():
             for info in self.list_dir(self.path(name)):
                 if info.base_name.endswith(LOCK):
-                    lease = LeaseFile(Path(info.path), ttl_s=float("inf"), heartbeat_s=1)
-                    if not lease.is_stale(lease.read()):
-                        held.add(info.path[: -len(LOCK)])
-        return held
+                    lease = self._lease(info.path, ttl_s)
+                    found[info.path[: -len(LOCK)]] = not lease.is_stale(lease.read())
+        return found
+
+    def age_s(self, path: str) -> float:
+        """Seconds since anything under `path` was last written."""
+        infos = [self._info(path)]
+        if infos[0].type == pafs.FileType.Directory:
+            infos += self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        times = [i.mtime.timestamp() for i in infos if i.mtime is not None]
+        return time.time() - max(times) if times else 0.0
+
+    def claim_writer(self, cluster: str, ttl_s: float) -> None:
+        """The single-writer rule of object stores, checked when a run starts: a store that another cluster (any
+        other Ray than this driver's) wrote within `ttl_s` is refused, since without a conditional create two
+        clusters' build leases cannot exclude each other. The claim is renewed by each lease heartbeat of this
+        cluster's builds (`renew_writer`). Local stores need no rule: their leases are created with O_EXCL."""
+        if self.is_local:
+            return
+        lease = self._lease(self.path(WRITER), ttl_s)
+        record = lease.read()
+        if record is not None and record.get("cluster") != cluster and not lease.is_stale(record):
+            age = time.time() - record.get("heartbeat", 0)
+            raise StoreError(
+                f"store {self.uri} is being written by another Ray cluster ({record.get('cluster')}, on "
+                f"{record.get('host', '?')}, {age:.0f} s ago): an object store is written by one cluster at a "
+                f"time; run there, or wait {ttl_s:.0f} s after it stops"
+            )
+        self.renew_writer(cluster)
+
+    def renew_writer(self, cluster: str) -> None:
+        if not self.is_local:
+            record = {"cluster": cluster, "host": socket.gethostname(), "heartbeat": time.time()}
+            self.write_bytes(self.path(WRITER), json.dumps(record).encode())
+
+    def release_writer(self, cluster: str) -> None:
+        """A run of `cluster` ended: the store is free for another cluster (this cluster's other drivers, if any,
+        claim it again with their next renewal)."""
+        if not self.is_local:
+            record = self._lease(self.path(WRITER), ttl_s=0).read()
+            if record is not None and record.get("cluster") == cluster:
+                _delete(self.fs, self.path(WRITER))
 
 
 def _delete(fs: pafs.FileSystem, path: str) -> None:
@@ -545,6 +600,16 @@ class NodeMirror:
         _delete(self.fs, self._remote(rel))
 
 
+def _fsync_tree(local_dir: Path) -> None:
+    """Flush the artifact files of a work directory, and its directories' entries, to disk."""
+    files = artifact_files(local_dir)
+    for rel in files:
+        with open(local_dir / rel, "rb") as f:
+            os.fsync(f.fileno())
+    for directory in {(local_dir / rel).parent for rel in files} | {local_dir}:
+        _fsync_dir(directory)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -564,17 +629,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 class LeaseFile:
-    """An exclusive lease: a file created with O_EXCL, kept fresh by a heartbeat thread.
+    """An exclusive lease: a file beside the artifact holding its owner and a heartbeat a thread keeps fresh.
 
-    A lease is stale when its heartbeat is older than the TTL, or at once when its holder was a process on this
-    host that no longer exists (a crashed stage must not make `resume` wait a whole TTL). A stale lease is broken
-    by renaming it away, which only one contender can do.
+    On a local (or NFS) filesystem it is created with O_EXCL. pyarrow offers object stores no conditional create
+    (S3's If-None-Match), so there it is created once none is live: one Ray cluster's lock table makes that
+    exclusive among its drivers, and the single-writer rule (`Store.claim_writer`, checked at start-up) keeps a
+    second cluster off the store. A lease is stale when its heartbeat is older than the TTL, or at once when its
+    holder was a process on this host that no longer exists (a crashed stage must not make `resume` wait a whole
+    TTL). An empty or torn lease (a crash just after the create) is as old as its last write. A stale lease is
+    broken by renaming it away (locally, which only one contender can do) or deleting it.
     """
 
     POLL_S = 0.2
 
-    def __init__(self, path: Path, ttl_s: float, heartbeat_s: float):
-        self.path, self.ttl_s, self.heartbeat_s = path, ttl_s, heartbeat_s
+    def __init__(self, path: Path | str, ttl_s: float, heartbeat_s: float, fs: pafs.FileSystem | None = None):
+        self.path, self.ttl_s, self.heartbeat_s = Path(path) if fs is None else path, ttl_s, heartbeat_s
+        self.fs = fs  # None: the local filesystem, with O_EXCL and rename
         self.owner = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -588,13 +658,29 @@ class LeaseFile:
         }
         return json.dumps(record).encode()
 
+    def _read_bytes(self) -> bytes:
+        if self.fs is None:
+            return self.path.read_bytes()
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def _mtime(self) -> float:
+        if self.fs is None:
+            return self.path.stat().st_mtime
+        mtime = self.fs.get_file_info(self.path).mtime
+        if mtime is None:
+            raise FileNotFoundError(self.path)
+        return mtime.timestamp()
+
     def read(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.path.read_text())
+            data = self._read_bytes()
+            try:
+                return json.loads(data)
+            except ValueError:  # being written, or left empty or torn by a crash: as old as its last write
+                return {"heartbeat": self._mtime()}
         except FileNotFoundError:
             return None
-        except ValueError:  # being written right now: treat as fresh
-            return {"heartbeat": time.time()}
 
     def is_stale(self, record: dict[str, Any] | None) -> bool:
         if record is None:
@@ -603,31 +689,59 @@ class LeaseFile:
             return True
         return time.time() - record.get("heartbeat", 0) > self.ttl_s
 
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                record = self.read()
-                if self.is_stale(record):
-                    self._break(record)
-                    continue
-                time.sleep(self.POLL_S)
-                continue
-            with os.fdopen(fd, "wb") as f:
+    def _create(self) -> bool:
+        """Create the lease with this owner's record; False when one exists."""
+        if self.fs is not None:
+            if self.fs.get_file_info(self.path).type != pafs.FileType.NotFound:
+                return False
+            self._write()
+            return True
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._record())
+        return True
+
+    def _write(self) -> None:
+        if self.fs is None:
+            tmp = self.path.with_name(f"{self.path.name}.beat-{self.owner}")
+            tmp.write_bytes(self._record())
+            os.replace(tmp, self.path)
+        else:
+            with self.fs.open_output_stream(self.path) as f:
                 f.write(self._record())
-            break
-        self._thread = threading.Thread(target=self._beat, name=f"lease {self.path.name}", daemon=True)
+
+    def acquire(self) -> None:
+        if self.fs is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        while not self._create():
+            record = self.read()
+            if self.is_stale(record):
+                self._break(record)
+                continue
+            time.sleep(self.POLL_S)
+        self._thread = threading.Thread(target=self._beat, name=f"lease {self.path}", daemon=True)
         self._thread.start()
 
     def _break(self, stale: dict[str, Any] | None) -> None:
+        if self.fs is not None:
+            if self.read() == stale:  # not refreshed meanwhile
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.delete_file(self.path)
+            return
         aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
-        moved = json.loads(aside.read_text() or "{}")
+        try:
+            moved = json.loads(aside.read_text() or "{}")
+        except ValueError:
+            moved = {}
         if stale is not None and moved.get("owner") != stale.get("owner"):
             # Between our read and the rename another process broke the stale lease and took a fresh one:
             # give it back (link fails if yet another lease already exists, which is then the live one).
@@ -640,9 +754,7 @@ class LeaseFile:
             record = self.read()
             if record is None or record.get("owner") != self.owner:
                 return  # lost the lease (it was judged stale); the commit's rename still guards the artifact
-            tmp = self.path.with_name(f"{self.path.name}.beat-{self.owner}")
-            tmp.write_bytes(self._record())
-            os.replace(tmp, self.path)
+            self._write()
 
     def release(self) -> None:
         self._stop.set()
@@ -651,4 +763,4 @@ class LeaseFile:
         record = self.read()
         if record is not None and record.get("owner") == self.owner:
             with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
+                os.remove(self.path) if self.fs is None else self.fs.delete_file(self.path)

@@ -32,6 +32,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline import redact
 from pipeline.dag import StageResources, StageSpec
 from pipeline.errors import ConfigError
 from pipeline.versioning import mapped_dataclass
@@ -267,7 +268,9 @@ def compose_config(
         raise _explain(e, schema) from e
     finally:
         GlobalHydra.instance().clear()
-    return load_config(specs, OmegaConf.to_container(cfg, resolve=True))
+    resolved = load_config(specs, OmegaConf.to_container(cfg, resolve=True))
+    redact.remember_config(resolved, OmegaConf.to_container(cfg, resolve=False))
+    return resolved
 
 
 def load_config(specs: list[StageSpec], data: dict[str, Any]) -> dict[str, Any]:

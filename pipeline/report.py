@@ -29,6 +29,7 @@ from pipeline.dag import DAG
 from pipeline.runner import RunRecord, as_built
 
 REPORT = "report.html"
+REPORT_FILE_MAX_BYTES = 8 << 20  # what a report hook may read from an object store; larger files stay there
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 STATE_COLORS = {"done": "#cde8cf", "reused": "#d3e3f4", "failed": "#f6c9c9", "running": "#fbe3c0"}
 CSS = """
@@ -303,9 +304,11 @@ def stage_section(store: Store, dag: DAG, stage: str, version: str, node: Mappin
     spec = dag.specs.get(stage)
     if spec is not None and spec.report is not None:
         try:
-            parts.append(render_sections(spec.report(store.localize(artifact, scratch))))
-        except (OSError, ValueError, KeyError) as e:  # a report never fails because one stage's files are odd
-            parts.append(f"<p class='muted'>could not draw this stage's charts: {esc(e)}</p>")
+            directory = store.localize(artifact, scratch, max_file_bytes=REPORT_FILE_MAX_BYTES)
+            parts.append(render_sections(spec.report(directory)))
+        except Exception as e:  # a report never fails because one stage's hook or files do
+            parts.append(f"<p class='muted'>could not draw this stage's charts: {esc(type(e).__name__)}: "
+                         f"{esc(e)}</p>")  # fmt: skip
     parts.append(metrics_table(manifest.get("metrics", {})))
     return "".join(parts)
 

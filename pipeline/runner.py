@@ -43,6 +43,7 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pipeline import redact
 from pipeline.artifacts import RUNS_DIR, Store
 from pipeline.config import typed
 from pipeline.dag import DAG, StageContext, StageResources, StageSpec, stop_on_sigterm
@@ -85,7 +86,7 @@ class RunRecord:
         self.write_meta({**self.meta(), **fields})
 
     def write_config(self, config: dict[str, Any]) -> None:
-        self.store.write_json(self.path + "/config.json", config)
+        self.store.write_json(self.path + "/config.json", redact.redact_config(config))
 
     def node(self, stage: str) -> dict[str, Any]:
         try:
@@ -143,6 +144,7 @@ class NodeJob:
     quiet: bool
     progress: Progress
     rebuild: bool = False  # replace the committed artifact of this version (it was found corrupt)
+    secrets: dict[str, str] = field(default_factory=dict)  # the driver's, for redaction (pipeline.redact)
 
 
 @dataclass
@@ -163,6 +165,7 @@ class _Tee(io.TextIOBase):
         self.streams = streams
 
     def write(self, text: str) -> int:
+        text = redact.redact_text(text)
         for i, stream in enumerate(self.streams):
             if i == 0 or BAR_STATE_TAG not in text:  # progress-bar state is for the driver's screen, not the log
                 stream.write(text)
@@ -196,6 +199,10 @@ class LockTable:
 
     def __init__(self) -> None:
         self.leases: dict[str, tuple[str, float]] = {}
+        self.id = uuid.uuid4().hex  # names this Ray cluster in an object store's writer claim
+
+    def cluster(self) -> str:
+        return self.id
 
     def acquire(self, key: str, owner: str, ttl_s: float) -> bool:
         holder = self.leases.get(key)
@@ -209,13 +216,24 @@ class LockTable:
             del self.leases[key]
 
 
+def _lock_table() -> Any:
+    return LockTable.options(name="gptline-locks", lifetime="detached", get_if_exists=True).remote()
+
+
+def cluster_id() -> str:
+    """This Ray cluster's identity, for the single-writer rule of object stores (Store.claim_writer)."""
+    return ray.get(_lock_table().cluster.remote())
+
+
 @contextlib.contextmanager
 def _build_lease(job: NodeJob) -> Iterator[None]:
+    """The lease stored beside the artifact; on an object store, this cluster's drivers take turns first."""
+    lease = job.store.lock(job.spec.name, job.version, job.lock_ttl_s, job.lock_heartbeat_s)
     if job.store.is_local:
-        with job.store.lock(job.spec.name, job.version, job.lock_ttl_s, job.lock_heartbeat_s):
+        with lease:
             yield
         return
-    table = LockTable.options(name="gptline-locks", lifetime="detached", get_if_exists=True).remote()
+    table = _lock_table()
     key, owner, stop = f"{job.store.uri}/{job.spec.name}/{job.version}", uuid.uuid4().hex, threading.Event()
     while not ray.get(table.acquire.remote(key, owner, job.lock_ttl_s)):
         time.sleep(1.0)
@@ -227,7 +245,8 @@ def _build_lease(job: NodeJob) -> Iterator[None]:
     beat = threading.Thread(target=renew, daemon=True)
     beat.start()
     try:
-        yield
+        with lease:
+            yield
     finally:
         stop.set()
         beat.join()
@@ -265,6 +284,7 @@ def build_node(job: NodeJob, *upstream: NodeOutcome) -> NodeOutcome:
     host = socket.gethostname()
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     outcome = NodeOutcome(stage, version, "failed", host=host, node_id=node_id)
+    redact.learn(job.secrets)
     broken = [u.stage for u in upstream if u.state == "failed"]
     if broken:
         outcome.error = f"not run: input {broken[0]!r} failed"
@@ -279,7 +299,8 @@ def build_node(job: NodeJob, *upstream: NodeOutcome) -> NodeOutcome:
     )
     try:
         with _capture_output(record.local_file(f"logs/{stage}.log")), _build_lease(job):
-            if job.rebuild and store.is_committed(stage, version):
+            # A retry of this task finds what its own earlier attempt committed before failing: that one is kept.
+            if job.rebuild and store.is_committed(stage, version) and _built_by_another_run(store, job):
                 store.retire(stage, version)
                 print(f"[{stage}] rebuilding {version}: the committed artifact was retired", flush=True)
             if store.is_committed(stage, version):  # another run (or an earlier attempt) built it meanwhile
@@ -302,6 +323,10 @@ def build_node(job: NodeJob, *upstream: NodeOutcome) -> NodeOutcome:
     return outcome
 
 
+def _built_by_another_run(store: Store, job: NodeJob) -> bool:
+    return store.load(job.spec.name, job.version, verify="none").manifest.get("run_id") != job.run_id
+
+
 def _run_stage(
     job: NodeJob, store: Store, record: RunRecord, scratch: Path, started: float, outcome: NodeOutcome
 ) -> dict[str, Any]:
@@ -316,7 +341,7 @@ def _run_stage(
         run_id=job.run_id,
         stage=stage,
         version=version,
-        config=job.config if isinstance(job.config, dict) else {"value": job.config},
+        config=redact.redact_config(job.config if isinstance(job.config, dict) else {"value": job.config}),
         metrics_path=record.local_file(f"metrics/{stage}.jsonl"),
         wandb_dir=record.local / "wandb",
         **job.tracking,
@@ -350,8 +375,8 @@ def _run_stage(
         workdir,
         {
             "stage_version": job.spec.version,
-            "config": job.config,
-            "unversioned": job.spec.unversioned(job.config),  # values used that the version leaves out
+            "config": redact.redact_config(job.config),
+            "unversioned": redact.redact_config(job.spec.unversioned(job.config)),  # values used, not versioned
             "inputs": job.inputs,
             "metrics": metrics,
             "timings": {"start": started, "end": ended, "seconds": ended - started},
@@ -381,11 +406,15 @@ def connect_ray(cluster: dict[str, Any]) -> bool:
     if ray.is_initialized():
         return False
     runtime_env = dict(cluster["runtime_env"] or {})
-    runtime_env["env_vars"] = {**WORKER_ENV, **(runtime_env.get("env_vars") or {})}
+    env_vars = {**WORKER_ENV, **(runtime_env.pop("env_vars", None) or {})}
+    address = cluster["address"] or os.environ.get("RAY_ADDRESS")
+    if address:
+        runtime_env["env_vars"] = env_vars
+    else:  # the workers of an embedded Ray inherit this environment; Ray's agent logs a runtime env in full
+        os.environ.update(env_vars)
     kwargs: dict[str, Any] = {"namespace": cluster["namespace"], "log_to_driver": True, "runtime_env": runtime_env}
     if JOB_DRIVER_ENV in os.environ:  # the driver of a submitted Ray Job: the job already carries its runtime env
         kwargs.pop("runtime_env")
-    address = cluster["address"] or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -457,6 +486,7 @@ class Runner:
             scratch=run_cfg["scratch_dir"],
             quiet=self.quiet,
             progress=Progress(default_mode(self.quiet)),  # decided here, where the user's terminal is
+            secrets=redact.known(),
         )
 
     def say(self, text: str) -> None:
@@ -469,12 +499,17 @@ class Runner:
         started_ray = connect_ray(self.config["cluster"])
         on_main_thread = threading.current_thread() is threading.main_thread()  # sweep points run on threads
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if on_main_thread else None
+        cluster = ""
         try:
-            return self._execute(plans)
+            cluster = "" if self.store.is_local else cluster_id()
+            self.store.claim_writer(cluster, self.config["run"]["lock_ttl_s"])
+            return self._execute(plans, cluster)
         except BaseException as e:
             self.record.update_meta(status="failed", error=f"driver stopped: {type(e).__name__}: {e}")
             raise
         finally:
+            if cluster:
+                self.store.release_writer(cluster)
             if on_main_thread:
                 signal.signal(signal.SIGTERM, previous)
             if started_ray:
@@ -496,7 +531,7 @@ class Runner:
             else:
                 ray.cancel(ref)  # one waiting never starts; one running keeps its partial work
 
-    def _execute(self, plans: list[NodePlan]) -> bool:
+    def _execute(self, plans: list[NodePlan], cluster: str) -> bool:
         task = ray.remote(build_node)
         results: dict[str, Any] = {}
         pending: dict[ray.ObjectRef, str] = {}
@@ -528,8 +563,12 @@ class Runner:
 
         failed: set[str] = set()
         stopping = False
+        renewed = time.time()
         while pending:
             ray.wait(list(pending), num_returns=1, timeout=1.0)  # wakes for a SIGTERM within a second
+            if time.time() - renewed >= self.config["run"]["lock_heartbeat_s"]:
+                self.store.renew_writer(cluster)
+                renewed = time.time()
             if self.sigterm and not stopping:
                 stopping = True
                 self._stop_running_stages(pending)

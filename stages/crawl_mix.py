@@ -43,7 +43,14 @@ import xxhash
 
 from gptline.data import filters
 from gptline.data.dedup import MinHasher, duplicates_to_drop, group_edges, text_key, unit_hash, url_key
-from gptline.data.readers import DEFAULT_EXTENSIONS, SOURCE_TYPES, RawDocument, expand_paths, read_documents
+from gptline.data.readers import (
+    DEFAULT_EXTENSIONS,
+    SOURCE_TYPES,
+    RawDocument,
+    ReadLimits,
+    expand_paths,
+    read_documents,
+)
 from pipeline.checks import at_least
 from pipeline.config import typed
 from pipeline.dag import StageContext
@@ -66,6 +73,8 @@ COUNTED = (
     "empty_files",
     "skipped_status",
     "skipped_non_html",
+    "oversized_records",
+    "oversized_lines",
 )
 ROW_BITS = 32  # a document's rank is (file index << 32) | row within that file's phase-1 output
 MIX_BINS = 4096
@@ -137,6 +146,7 @@ class CrawlMixConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     extractor: str = "resiliparse"  # or trafilatura (pip install gptline[trafilatura])
+    limits: ReadLimits = field(default_factory=ReadLimits)  # larger records and lines are skipped and counted
     validation_fraction: float = 0.05
     shard_max_chars: int = 64_000_000
     seed: int = 0
@@ -148,6 +158,9 @@ class CrawlMixConfig:
             problems = source.validate()
             if problems:
                 return [(f"sources.{name}.{problems[0][0]}", problems[0][1])]
+        problems = self.limits.validate()
+        if problems:
+            return [(f"limits.{problems[0][0]}", problems[0][1])]
         if self.extractor not in ("resiliparse", "trafilatura"):
             return [("extractor", f"must be resiliparse or trafilatura, got {self.extractor!r}")]
         if not 0 <= self.validation_fraction < 1:
@@ -173,6 +186,7 @@ class FileJob:
     filters: dict[str, Any]
     dedup: dict[str, Any]
     extractor: str
+    limits: dict[str, Any]
     split_on: str = ""
     chunk_chars: int = 0
 
@@ -210,7 +224,8 @@ def extract_and_filter(job: FileJob) -> dict[str, Any]:
     timings = {"extract": 0.0, "filter": 0.0, "dedup_keys": 0.0}
     bytes_in = chars_out = pii = 0
     start = time.perf_counter()
-    documents = read_documents(job.path, job.source_type, counts, job.text_field, job.url_field, job.extractor)
+    limits = ReadLimits(**job.limits)
+    documents = read_documents(job.path, job.source_type, counts, job.text_field, job.url_field, job.extractor, limits)
     for doc in _split(documents, job.split_on, job.chunk_chars):
         read_done = time.perf_counter()
         timings["extract"] += read_done - start
@@ -478,6 +493,7 @@ def _file_jobs(cfg: CrawlMixConfig, inputs: dict[str, Path], work: Path) -> list
                     filters=filter_cfg,
                     dedup=dedup_cfg,
                     extractor=cfg.extractor,
+                    limits=asdict(cfg.limits),
                     split_on=source.split_on,
                     chunk_chars=source.chunk_chars,
                 )

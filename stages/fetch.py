@@ -56,7 +56,11 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 4  # 4: the crawl's WARCs are byte-identical across runs (canonical host, fixed dates and record ids)
+VERSION = 4  # 4: WARCs byte-identical across runs (canonical host, fixed dates, record ids); no side-effect pages
+# pydoc imports a module to render its page, and these modules act when imported: antigravity opens a web browser,
+# this and __hello__ print, a package's __main__ runs its program.
+SIDE_EFFECT_PAGES = ("/antigravity.html", "/this.html", "/__hello__*", "/__phello__*", "/*__main__.html",
+                     "/idlelib.idle.html")  # fmt: skip
 CONVERTERS = ("mediawiki", "files", "chatterbot", "chatterbot_chat", "evals_chat", "evals_choice")
 
 
@@ -95,10 +99,18 @@ class CrawlConfig:
     seeds: list[str] = field(default_factory=lambda: ["/topics.html", "/keywords.html"])
     user_agent: str = "gptline-crawler/0.1"
     pages_per_warc: int = 50  # Common Crawl splits a crawl into many WARC files; readers fan out per file
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0  # per request, robots.txt included
+    max_body_bytes: int = 8 << 20  # a longer response is not kept (counted as oversized)
+    # URL paths never fetched (globs)
+    exclude: list[str] = field(default_factory=lambda: list(SIDE_EFFECT_PAGES))
 
     def validate(self) -> list[tuple[str, str]]:
-        return at_least(self, 1, "max_pages", "pages_per_warc") + at_least(self, 0, "delay_s")
+        problems = at_least(self, 1, "max_pages", "pages_per_warc", "max_body_bytes") + at_least(self, 0, "delay_s")
+        for i, seed in enumerate(self.seeds):
+            scheme = urllib.parse.urlsplit(seed).scheme
+            if scheme not in ("", "http", "https"):
+                problems.append((f"seeds[{i}]", f"must be a path or an http(s) URL of the crawled host, got {seed!r}"))
+        return problems
 
 
 @dataclass
@@ -121,7 +133,13 @@ def download(archive: ArchiveConfig, cache_dir: Path, key: str) -> Path:
         return cached
     staging = cache_dir / f".download-{archive.sha256}"
     shutil.rmtree(staging, ignore_errors=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(staging)]
+    staging.mkdir(parents=True)
+    # pip's hash-checking mode: the file is checked against the pinned sha256 before anything of it runs (an
+    # sdist's build backend, which pip runs to read its metadata).
+    requirement = staging / "requirement.txt"
+    requirement.write_text(f"{archive.package}=={archive.version} --hash=sha256:{archive.sha256}\n")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(staging),
+               "--require-hashes", "-r", str(requirement)]  # fmt: skip
     if archive.filename.endswith(".whl"):
         command += ["--only-binary", ":all:"]
         if archive.platform:
@@ -130,7 +148,6 @@ def download(archive: ArchiveConfig, cache_dir: Path, key: str) -> Path:
             command += ["--python-version", archive.python_version]
     else:
         command += ["--no-binary", ":all:"]
-    command.append(f"{archive.package}=={archive.version}")
     result = subprocess.run(command, capture_output=True, text=True)
     got = staging / archive.filename
     if result.returncode != 0 or not got.exists():
@@ -335,19 +352,55 @@ def _pinned(record: Any, key: str) -> Any:
     return record
 
 
-def crawl(base_url: str, cfg: CrawlConfig, out: Path, canonical_host: str) -> dict[str, int]:
-    """Breadth-first, same host, robots.txt obeyed; every fetched page is a WARC request + response pair, in
-    files of `pages_per_warc` pages (crawl-00000.warc.gz, ...). URLs, the Host header and links in the pages name
-    `canonical_host` instead of the server's, and the records are pinned (see `_pinned`)."""
-    host = urllib.parse.urlsplit(base_url).netloc
+class _SameSiteRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only within the crawled scheme and host; any other is recorded as it is, not followed."""
+
+    def __init__(self, allowed: Any) -> None:
+        self.allowed = allowed
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not self.allowed(newurl):
+            return None  # urllib raises HTTPError with the 3xx response
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _robots(
+    opener: urllib.request.OpenerDirector, base_url: str, cfg: CrawlConfig
+) -> urllib.robotparser.RobotFileParser:
+    """robots.txt, fetched like any page (timeout, size bound, same-site redirects); rules as RobotFileParser.read
+    applies them: 401/403 disallow everything, another error or no answer allows everything."""
     robots = urllib.robotparser.RobotFileParser(urllib.parse.urljoin(base_url, "/robots.txt"))
+    request = urllib.request.Request(robots.url, headers={"User-Agent": cfg.user_agent})
     try:
-        robots.read()  # a 404 means everything is allowed
-    except urllib.error.URLError:
+        with opener.open(request, timeout=cfg.timeout_s) as response:
+            robots.parse(response.read(cfg.max_body_bytes).decode("utf-8", "replace").splitlines())
+    except urllib.error.HTTPError as e:
+        robots.disallow_all, robots.allow_all = e.code in (401, 403), e.code not in (401, 403)
+    except (urllib.error.URLError, TimeoutError, OSError):
         robots.allow_all = True
+    return robots
+
+
+def crawl(base_url: str, cfg: CrawlConfig, out: Path, canonical_host: str) -> dict[str, int]:
+    """Breadth-first, same scheme and host (seeds, links and redirects), robots.txt obeyed, bodies bounded; every
+    fetched page is a WARC request + response pair, in files of `pages_per_warc` pages (crawl-00000.warc.gz, ...).
+    URLs, the Host header and links in the pages name `canonical_host` instead of the server's, and the records are
+    pinned (see `_pinned`)."""
+    base = urllib.parse.urlsplit(base_url)
+    host = base.netloc
+
+    def allowed(url: str) -> bool:
+        parts = urllib.parse.urlsplit(url)
+        return (parts.scheme, parts.netloc) == (base.scheme, base.netloc)
+
+    opener = urllib.request.build_opener(_SameSiteRedirects(allowed))
+    robots = _robots(opener, base_url, cfg)
     queue = deque((urllib.parse.urljoin(base_url, seed), 0) for seed in cfg.seeds)
+    for i, (url, _) in enumerate(queue):
+        if not allowed(url):
+            raise GptlineError(f"fetch.crawl.seeds[{i}]: {cfg.seeds[i]!r} is not on the crawled site {base_url}")
     seen = {url for url, _ in queue}
-    counts = {"fetched": 0, "errors": 0, "disallowed": 0, "warc_files": 0}
+    counts = {"fetched": 0, "errors": 0, "disallowed": 0, "excluded": 0, "oversized": 0, "warc_files": 0}
     with contextlib.ExitStack() as files:
         writer = None
         while queue and counts["fetched"] < cfg.max_pages:
@@ -358,18 +411,29 @@ def crawl(base_url: str, cfg: CrawlConfig, out: Path, canonical_host: str) -> di
                 writer.write_record(_pinned(info, name))
                 counts["warc_files"] += 1
             url, depth = queue.popleft()
+            if any(fnmatch.fnmatch(urllib.parse.urlsplit(url).path, pattern) for pattern in cfg.exclude):
+                counts["excluded"] += 1
+                continue
             if not robots.can_fetch(cfg.user_agent, url):
                 counts["disallowed"] += 1
                 continue
             request = urllib.request.Request(url, headers={"User-Agent": cfg.user_agent})
             try:
-                with urllib.request.urlopen(request, timeout=cfg.timeout_s) as response:
-                    status, reason, body = response.status, response.reason, response.read()
+                with opener.open(request, timeout=cfg.timeout_s) as response:
+                    status, reason, body = response.status, response.reason, response.read(cfg.max_body_bytes + 1)
                     headers = list(response.headers.items())
             except urllib.error.HTTPError as e:
-                status, reason, body, headers = e.code, e.reason, e.read(), list(e.headers.items())
+                status, reason, body, headers = (
+                    e.code,
+                    e.reason,
+                    e.read(cfg.max_body_bytes + 1),
+                    list(e.headers.items()),
+                )
             except (urllib.error.URLError, TimeoutError, OSError):
                 counts["errors"] += 1
+                continue
+            if len(body) > cfg.max_body_bytes:
+                counts["oversized"] += 1
                 continue
             path = urllib.parse.urlsplit(url).path or "/"
             target = url.replace(host, canonical_host, 1)
@@ -391,7 +455,7 @@ def crawl(base_url: str, cfg: CrawlConfig, out: Path, canonical_host: str) -> di
                 parser.feed(body.decode("utf-8", "replace"))
                 for link in parser.links:
                     target = urllib.parse.urljoin(url, link).split("#", 1)[0]
-                    if urllib.parse.urlsplit(target).netloc == host and target not in seen:
+                    if allowed(target) and target not in seen:
                         seen.add(target)
                         queue.append((target, depth + 1))
             time.sleep(cfg.delay_s)

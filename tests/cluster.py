@@ -33,7 +33,10 @@ class TwoNodeCluster:
     def __init__(self, root: Path, head_cpus: int = 1, worker_cpus: int = 1, private_dir: Path | None = None):
         self.root, self.head_cpus, self.worker_cpus, self.private_dir = root, head_cpus, worker_cpus, private_dir
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{BIN}:{os.environ['PATH']}")
+        # As cluster/README.md starts it: `.venv/bin/ray start`, the virtualenv not on PATH (a submitted job must
+        # find the cluster's Python by itself).
+        path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != BIN)
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=path)
         gcs, dashboard = free_ports(2)
         self.gcs_address, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
         self._gcs_port, self._dashboard_port = gcs, dashboard

@@ -59,6 +59,12 @@ class Pipeline:
 
         return main([*args, "--store", str(self.store)])
 
+    def resume(self, run_id: str, *args: str) -> int:
+        """`gptline resume` of a run of the test DAG (its registry and config given, as the record's are not run)."""
+        from gptline.cli.main import main
+
+        return main(["resume", run_id, *TEST_DAG, "--store", str(self.store), *args])
+
     def cli_plain(self, *args: str) -> int:
         """A subcommand with its own options, the store given as an override (`tune`)."""
         from gptline.cli.main import main

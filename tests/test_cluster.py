@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.artifacts import Store
 from tests.cluster import TwoNodeCluster
-from tests.conftest import CONFIG_DIR, REGISTRY, ROOT
+from tests.conftest import CONFIG_DIR, REGISTRY, ROOT, TEST_DAG
 from tests.s3_training import INPUT_VERSIONS
 from tests.test_pretrain import inputs  # noqa: F401 (a fixture)
 
@@ -109,7 +109,8 @@ def wait_for_chunk(process: subprocess.Popen, store: Path, chunk: int) -> None:
 
 
 def resume(cluster: TwoNodeCluster, store: Path, run_id: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "gptline", "resume", run_id, "--store", str(store)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "gptline", "resume", run_id, *TEST_DAG, "--store", str(store),
+                           "cluster=remote"], cwd=ROOT,
                           env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

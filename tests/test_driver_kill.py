@@ -19,7 +19,7 @@ def test_resume_finishes_a_run_whose_driver_was_killed(pipeline):
     run_id = pipeline.latest_run()
     assert pipeline.cli("status", run_id) == 0
     assert "driver gone" in pipeline.capsys.readouterr().out
-    assert pipeline.cli("resume", run_id) == 0
+    assert pipeline.resume(run_id) == 0
     assert pipeline.chunks_written() == ["chunk0", "chunk1", "chunk2", "chunk3"]  # nothing redone
     assert sorted(set(pipeline.executions())) == ["evens", "numbers", "squares", "total"]
     assert [pipeline.executions().count(s) for s in ("squares", "evens", "total")] == [1, 1, 1]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import report
+from tests.conftest import REGISTRY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -59,7 +60,7 @@ def test_a_run_ends_with_a_self_contained_report(pipeline):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script" not in page
     assert not re.search(r'(src|href)="https?://', page)  # nothing fetched from the network
     # `gptline report` writes the same page again for the newest run.
-    assert pipeline.cli("report") == 0
+    assert pipeline.cli("report", "--registry", REGISTRY) == 0
     assert pipeline.capsys.readouterr().out.strip().endswith("report.html")
 
 
@@ -85,3 +86,37 @@ def test_screenshot_shows_the_charts_drawn(pipeline, tmp_path):
     blue, red = (colour_pixels(png, c) for c in report.PALETTE[:2])
     assert blue > 2000, blue  # the histogram's bars and the running mean's line
     assert red > 0, red  # the second series' point
+
+
+def test_on_an_object_store_the_report_reads_only_small_files_and_a_raising_hook_becomes_a_note(s3_store, tmp_path):
+    from pipeline.artifacts import Store
+    from pipeline.dag import DAG, StageSpec
+    from pipeline.runner import RunRecord
+    from tests.parquet_stages import NumbersConfig, SquaresConfig, numbers, squares
+
+    def shows_stats(directory: Path) -> list[dict]:
+        return [
+            {"kind": "table", "title": "stats", "columns": ["n"], "rows": [[(directory / "stats.json").read_text()]]}
+        ]
+
+    def raises(directory: Path) -> list[dict]:
+        raise RuntimeError("a hook bug")
+
+    dag = DAG([StageSpec("numbers", numbers, NumbersConfig, report=shows_stats),
+               StageSpec("squares", squares, SquaresConfig, inputs=("numbers",), report=raises)])  # fmt: skip
+    store, scratch = Store(s3_store), tmp_path / "scratch"
+    for stage, version in (("numbers", "0" * 12), ("squares", "1" * 12)):
+        work = tmp_path / stage
+        work.mkdir()
+        (work / "stats.json").write_text("4242")
+        (work / "weights.bin").write_bytes(b"\0" * (report.REPORT_FILE_MAX_BYTES + 1))
+        store.commit(stage, version, work, {"run_id": "r1", "metrics": {}})
+    record = RunRecord(store, "r1", scratch)
+    record.write_meta({"run_id": "r1", "status": "done", "nodes": [["numbers", "0" * 12], ["squares", "1" * 12]]})
+    for stage, version in (("numbers", "0" * 12), ("squares", "1" * 12)):
+        record.set_node(stage, state="done", version=version)
+    report.write_report(store, dag, "r1", scratch)
+    with store.fs.open_input_stream(f"{record.path}/report.html") as f:
+        page = f.read().decode()
+    assert "4242" in page and "RuntimeError: a hook bug" in page
+    assert not list(scratch.rglob("weights.bin")) and list(scratch.rglob("stats.json"))

@@ -53,7 +53,7 @@ def test_killed_stage_leaves_no_artifact_and_resume_continues_from_its_partial_w
     assert node_states(pipeline.store, run_id)["numbers"] == "failed"
     assert node_states(pipeline.store, run_id)["total"] == "failed"  # never started: its input failed
 
-    assert pipeline.cli("resume", run_id) == 0
+    assert pipeline.resume(run_id) == 0
     assert sorted(pipeline.executions()) == ["evens", "numbers", "numbers", "squares", "total"]
     assert pipeline.chunks_written() == ["chunk0", "chunk1", "chunk2", "chunk3"]  # none written twice
     states = node_states(pipeline.store, run_id)
@@ -225,11 +225,11 @@ def test_status_ls_show_and_gc(pipeline):
         path.rmdir() if path.is_dir() else path.unlink()
     (pipeline.store / "runs" / second).rmdir()
     (pipeline.store / "squares" / "0123456789ab.partial").mkdir()
-    assert pipeline.cli("gc", "--dry-run") == 0
+    assert pipeline.cli("gc", "--dry-run", "--min-age-s", "0") == 0
     out = pipeline.capsys.readouterr().out
     assert out.count("would remove") == 5 and new.version in out and old.version not in out
     assert len(Store(str(pipeline.store)).list()) == 8
-    assert pipeline.cli("gc") == 0
+    assert pipeline.cli("gc", "--min-age-s", "0") == 0
     assert {a.ref for a in Store(str(pipeline.store)).list()} == {
         f"{a.stage}/{a.version}" for a in Store(str(pipeline.store)).list() if a.manifest["run_id"] != second
     }

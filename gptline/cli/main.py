@@ -1,12 +1,12 @@
 """The `gptline` command (also `python -m gptline`).
 
     gptline run [OVERRIDE ...] [-m] [--dry-run] [--until STAGE ...] [--only STAGE ...]
-    gptline resume RUN_ID
+    gptline resume RUN_ID [OVERRIDE ...] [--trust-record]
     gptline status [RUN_ID]
     gptline ls [STAGE]
     gptline show STAGE/VERSION [--verify]
     gptline diff RUN_A RUN_B | STAGE/V1 STAGE/V2
-    gptline gc [--dry-run]
+    gptline gc [--dry-run] [--force] [--min-age-s S]
     gptline report [RUN_ID]
     gptline submit [OVERRIDE ...] --address http://HEAD:8265 [--no-wait]
     gptline tune SPEC.yaml [OVERRIDE ...]
@@ -39,15 +39,19 @@ import ray
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
 from gptline.cli import chat, diff, plan
-from pipeline.artifacts import Store, content_hash
-from pipeline.config import DEFAULT_CONFIG_DIR, compose_config, load_config, parse_overrides
-from pipeline.dag import DAG, load_registry
+from pipeline.artifacts import LOCK, PARTIAL, Store, content_hash
+from pipeline.config import DEFAULT_CONFIG_DIR, RunConfig, compose_config, load_config, parse_overrides
+from pipeline.dag import DAG, config_value, load_registry
 from pipeline.errors import GptlineError, RunStopped
+from pipeline.redact import redact_config, redact_text, remember, restore_redacted, secret_values
 from pipeline.report import write_report
 from pipeline.runner import WORKER_ENV, Runner, RunRecord, as_built, connect_ray, list_runs, new_run_id
 from pipeline.tune import load_spec, tune
 
 DEFAULT_REGISTRY = "stages:REGISTRY"
+# Config keys whose values decide which code runs (besides the registry): checked by resume against the record.
+CODE_KEYS = ("cluster.runtime_env", "ppo.reward")
+GC_MIN_AGE_S = 3600.0  # a partial directory younger than this may belong to a build that just started
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Never uploaded with a submitted job: environments, stores, caches, VCS data.
 SUBMIT_EXCLUDES = [".venv", ".venv-trl", "store", ".git", "**/__pycache__", ".pytest_cache", ".ruff_cache", "wandb"]
@@ -157,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def point(i: int) -> tuple[int, list[str], str, bool, Store]:
         if args.multirun:
-            print(f"\n== sweep point {i}: {' '.join(points[i]) or '(defaults)'}", flush=True)
+            print(redact_text(f"\n== sweep point {i}: {' '.join(points[i]) or '(defaults)'}"), flush=True)
         return (i, points[i], *_start_run(args, dag, points[i], configs[i]))
 
     if parallel == 1:
@@ -171,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if started:
                 ray.shutdown()
     if args.multirun and not args.dry_run:
-        print("\n" + sweep_summary(outcomes))
+        print("\n" + redact_text(sweep_summary(outcomes)))
     return 0 if all(ok for _, _, _, ok, _ in outcomes) else 1
 
 
@@ -197,13 +201,51 @@ def sweep_summary(outcomes: list[tuple[int, list[str], str, bool, Store]]) -> st
     return table + "\nshared by every point: " + (" ".join(f"{s}/{versions[0][s]}" for s in shared) or "nothing")
 
 
+def check_code_settings(recorded: dict[str, Any], local: dict[str, Any], trust_record: bool) -> None:
+    """The store is not trusted with code: whoever can write it must not choose what runs. Each code-bearing
+    setting of a run record must equal this command line's and local config's, or `--trust-record` accept it."""
+    differing = [f"{key}: the record has {recorded.get(key)!r}, this command has {local.get(key)!r}"
+                 for key in sorted(local) if recorded.get(key) != local[key]]  # fmt: skip
+    if differing and not trust_record:
+        raise GptlineError("the run record names other code than this command line and config would run ("
+                           + "; ".join(differing) + "); give the same settings, or --trust-record to run the "
+                           "record's (only for a store that nobody else can write)")  # fmt: skip
+
+
+def code_settings(registry: str, config: dict[str, Any]) -> dict[str, Any]:
+    """What decides which code runs: the registry module, the runtime env (pip packages, py_modules, working_dir,
+    environment), and every module a config names (CODE_KEYS); compared in their redacted form."""
+    settings = {"registry": registry}
+    for key in CODE_KEYS:
+        settings[key] = redact_config(config_value(config, key))
+    return settings
+
+
+def set_config_value(config: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        if not isinstance(config.get(key), dict):
+            return
+        config = config[key]
+    config[leaf] = value
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     store = Store(args.store)
     record = RunRecord(store, args.run_id, Path("."))
     meta = record.meta()
-    specs = load_registry(meta["registry"])
+    specs = load_registry(meta["registry"] if args.trust_record else args.registry)
+    local = compose_config(specs, args.overrides, Path(args.config_dir))
+    recorded = record.config()
+    check_code_settings(code_settings(meta["registry"], recorded), code_settings(args.registry, local),
+                        args.trust_record)  # fmt: skip
+    config = restore_redacted(recorded, local)  # secrets come from this command line and environment
+    if not args.trust_record:
+        for key in CODE_KEYS:  # the local value itself (the record's is redacted)
+            set_config_value(config, key, config_value(local, key))
     dag = DAG(specs)
-    config = load_config(specs, record.config())
+    config = load_config(specs, config)
+    remember(secret_values(config))
     runner = Runner(dag, config, store, meta["selection"], args.run_id)
     plans = runner.plan()
     print(f"resuming run {args.run_id}:")
@@ -219,6 +261,22 @@ def _run_id(text: str) -> str:
     if not RUN_ID_RE.match(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a run id (letters, digits, '-', '_')")
     return text
+
+
+# The interpreter of the cluster's Ray: the raylet starts its Python workers with it (its --python_worker_command),
+# and a job's entrypoint is a shell whose parent, Ray's job supervisor, is one of those workers; the shell walks up
+# its ancestors to the raylet. The first `python` on the node's PATH may be another one, without Ray (a cluster
+# started as `.venv/bin/ray start`); it is only the fallback where there is no /proc.
+RAY_PYTHON = (
+    'p=$PPID; PY=; while [ -z "$PY" ] && [ "${p:-0}" -gt 1 ]; do'
+    " PY=$(tr '\\0' '\\n' < /proc/$p/cmdline 2>/dev/null | sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p');"
+    " p=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/$p/status 2>/dev/null); done"
+)
+
+
+def job_entrypoint(python_args: list[str]) -> str:
+    """The shell command a Ray Job runs: `python_args` under the cluster's Python (`python` where /proc is not)."""
+    return f'{RAY_PYTHON}; exec "${{PY:-python}}" {shlex.join(python_args)}'
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -249,7 +307,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except ValueError:
         raise GptlineError(f"--config-dir {args.config_dir}: must be inside the working directory "
                            f"{Path.cwd()}, which is what the job uploads") from None  # fmt: skip
-    command = ["python", "-m", "gptline", "run", "--registry", args.registry, "--config-dir", str(config_dir),
+    command = ["-m", "gptline", "run", "--registry", args.registry, "--config-dir", str(config_dir),
                *selection, "cluster=remote", "cluster.address=auto", *args.overrides]  # fmt: skip
     runtime_env = dict(config["cluster"]["runtime_env"] or {})
     runtime_env.setdefault("working_dir", ".")
@@ -260,7 +318,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     runtime_env["env_vars"] = {**WORKER_ENV, **grace, **(runtime_env.get("env_vars") or {})}
     try:
         client = JobSubmissionClient(args.address)
-        job = client.submit_job(entrypoint=shlex.join(command), submission_id=f"gptline-{run_id}",
+        job = client.submit_job(entrypoint=job_entrypoint(command), submission_id=f"gptline-{run_id}",
                                 runtime_env=runtime_env, metadata={"gptline_run_id": run_id})  # fmt: skip
     except (ConnectionError, RuntimeError) as e:
         raise GptlineError(f"submitting to {args.address} failed: {e} (token auth: RAY_AUTH_MODE=token and the "
@@ -413,6 +471,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise GptlineError(f"no runs in {store.uri}")
     run_id = args.run_id or runs[-1]
     registry = RunRecord(store, run_id, Path(".")).meta().get("registry", DEFAULT_REGISTRY)
+    check_code_settings({"registry": registry}, {"registry": args.registry}, args.trust_record)
     print(write_report(store, DAG(load_registry(registry)), run_id, Path(args.scratch).expanduser()))
     return 0
 
@@ -453,11 +512,17 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    """Remove partial directories nobody is building and artifacts no run record refers to (with inputs)."""
+    """Remove artifacts no run record refers to (with their inputs), stale leases, and partial directories nobody
+    builds or will resume. Never touched: a version whose lease is live. Kept unless --force: the partial
+    directories of runs not done (`gptline resume` continues them) and those written within --min-age-s."""
     store = Store(args.store)
     keep: set[str] = set()
+    resumable: set[str] = set()
     for run_id in list_runs(store):
-        nodes = RunRecord(store, run_id, Path(".")).meta().get("nodes", [])
+        meta = RunRecord(store, run_id, Path(".")).meta()
+        nodes = meta.get("nodes", [])
+        if meta.get("status") != "done":
+            resumable |= {store.artifact_path(s, v) for s, v in nodes}
         stack = [f"{s}/{v}" for s, v in nodes]
         while stack:
             ref = stack.pop()
@@ -467,9 +532,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
             stage, version = ref.split("/")
             if store.is_committed(stage, version):
                 stack += [f"{s}/{v}" for s, v in store.load(stage, version, verify="none").inputs.items()]
-    locked = store.live_locks()
-    doomed = [p for p in store.uncommitted() if p.removesuffix(".partial") not in locked]
-    doomed += [a.path for a in store.list() if a.ref not in keep]
+    leases = store.leases(args.lease_ttl_s)
+    doomed = [path + LOCK for path, live in leases.items() if not live]
+    for path in store.uncommitted():
+        version = path.removesuffix(PARTIAL)
+        if leases.get(version):
+            print(f"keeping {path}: its build lease is live")
+        elif not args.force and version in resumable:
+            print(f"keeping {path}: a run that is not done needs it (gptline resume; --force removes it)")
+        elif not args.force and store.age_s(path) < args.min_age_s:
+            print(f"keeping {path}: written within --min-age-s {args.min_age_s:g} (--force removes it)")
+        else:
+            doomed.append(path)
+    doomed += [a.path for a in store.list() if a.ref not in keep and not leases.get(a.path)]
     for path in doomed:
         print(("would remove " if args.dry_run else "removing ") + path)
         if not args.dry_run:
@@ -540,12 +615,19 @@ def build_parser() -> argparse.ArgumentParser:
     import_cmd.add_argument("path", help="a Hugging Face model directory, or an object-store URI (s3://...)")
     import_cmd.set_defaults(func=cmd_import)
 
-    resume = sub.add_parser("resume", parents=[common, store_opt], help="continue a failed or interrupted run")
-    resume.add_argument("run_id")
+    trust = argparse.ArgumentParser(add_help=False)
+    trust.add_argument("--trust-record", action="store_true",
+                       help="run the code the run record names (registry, runtime env, reward modules) even where "
+                            "this command line and config name other code")  # fmt: skip
+    resume = sub.add_parser("resume", parents=[common, store_opt, pipeline_opts, trust],
+                            help="continue a failed or interrupted run",
+                            usage="gptline resume RUN_ID [OVERRIDE ...] [options]   (the overrides give what the "
+                                  "record does not keep: secrets, and the code settings to check)")  # fmt: skip
+    resume.add_argument("run_id", type=_run_id)
     resume.set_defaults(func=cmd_resume)
 
     status = sub.add_parser("status", parents=[common, store_opt], help="a run's stages and their states")
-    status.add_argument("run_id", nargs="?")
+    status.add_argument("run_id", nargs="?", type=_run_id)
     status.set_defaults(func=cmd_status)
 
     ls = sub.add_parser("ls", parents=[common, store_opt], help="list committed artifacts")
@@ -561,13 +643,21 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_arguments(diff_cmd)
     diff_cmd.set_defaults(func=lambda args: diff.run(args, DEFAULT_REGISTRY))
 
-    report = sub.add_parser("report", parents=[common, store_opt], help="write a run's HTML report")
-    report.add_argument("run_id", nargs="?", help="default: the newest run")
+    report = sub.add_parser("report", parents=[common, store_opt, trust], help="write a run's HTML report")
+    report.add_argument("run_id", nargs="?", type=_run_id, help="default: the newest run")
+    report.add_argument("--registry", default=os.environ.get("GPTLINE_REGISTRY", DEFAULT_REGISTRY),
+                        help="the stages whose report hooks draw the run (checked against the record's)")  # fmt: skip
     report.add_argument("--scratch", default="~/.cache/gptline/scratch", help="local copies of remote artifacts")
     report.set_defaults(func=cmd_report)
 
     gc = sub.add_parser("gc", parents=[common, store_opt], help="remove partial and unreferenced artifacts")
     gc.add_argument("--dry-run", action="store_true")
+    gc.add_argument("--min-age-s", type=float, default=GC_MIN_AGE_S,
+                    help="keep partial directories written more recently than this (default %(default)s)")  # fmt: skip
+    gc.add_argument("--lease-ttl-s", type=float, default=RunConfig.lock_ttl_s,
+                    help="a lease without a heartbeat for this long is stale (default: run.lock_ttl_s's)")  # fmt: skip
+    gc.add_argument("--force", action="store_true",
+                    help="also remove recent partial directories and those of runs not done (never a leased one)")  # fmt: skip
     gc.set_defaults(func=cmd_gc)
 
     for command in MODEL_COMMANDS:
@@ -606,7 +696,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Overrides may stand before, between or after options, so they are whatever argparse does not know.
     args, extra = parser.parse_known_args(argv)
     unknown_options = [a for a in extra if a.startswith("-")]
-    if unknown_options or (extra and args.command not in ("run", "submit", "tune", "import")):
+    if unknown_options or (extra and args.command not in ("run", "submit", "tune", "import", "resume")):
         parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
     # `--only ppo ppo.iterations=3`: nargs="+" swallows the override; stage names never hold "=".
     for option in ("only", "until", "rebuild"):
@@ -625,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     except GptlineError as e:
         if args.debug:
             raise
-        print(f"gptline: error: {e}", file=sys.stderr)
+        print(f"gptline: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptline: interrupted", file=sys.stderr)

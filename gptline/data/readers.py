@@ -5,6 +5,11 @@ Types: `warc` (WARC and ARC, plain or gzip; Common Crawl WARC responses and WET 
 tree filtered by extension, one document per file). Paths are files, directories or globs, local or on any
 `pyarrow.fs` filesystem. HTML becomes text by main-content extraction (resiliparse by default, trafilatura when
 installed and chosen) after charset detection; non-200 and non-HTML responses are skipped and counted.
+
+Nothing is read whole before its size is known: a record (a WARC payload, a text or code file, a Parquet value)
+over `ReadLimits.max_record_bytes` and a JSONL line over `max_line_bytes` are skipped and counted
+(`oversized_records`, `oversized_lines`) after reading at most the cap plus one byte of them, the rest streamed
+past in bounded pieces, so a compression bomb costs time, never memory.
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ from pipeline.errors import GptlineError
 SOURCE_TYPES = ("warc", "jsonl", "parquet", "text", "code")
 DEFAULT_EXTENSIONS = {"text": [".txt", ".md", ".markdown"], "code": [".py"]}
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+
+
+@dataclass
+class ReadLimits:
+    max_record_bytes: int = 64 << 20  # a WARC payload, a text or code file, a Parquet text value
+    max_line_bytes: int = 64 << 20  # a JSONL line, its newline included
+
+    def validate(self) -> list[tuple[str, str]]:
+        return [(k, "must be >= 1") for k in ("max_record_bytes", "max_line_bytes") if getattr(self, k) < 1]
 
 
 @dataclass
@@ -96,7 +110,7 @@ def _charset(content_type: str) -> str | None:
     return None
 
 
-def read_warc(stream, counts: Counter, extractor: str) -> Iterator[RawDocument]:
+def read_warc(stream, counts: Counter, extractor: str, limits: ReadLimits) -> Iterator[RawDocument]:
     """HTML responses (status 200) become documents; WET conversion records are taken as they are."""
     records = iter(ArchiveIterator(stream, arc2warc=True))
     record_no = -1
@@ -120,9 +134,12 @@ def read_warc(stream, counts: Counter, extractor: str) -> Iterator[RawDocument]:
         url = (record.rec_headers.get_header("WARC-Target-URI") or "").strip().strip("<>")
         date = record.rec_headers.get_header("WARC-Date") or ""
         try:
-            payload = record.content_stream().read()
+            payload = record.content_stream().read(limits.max_record_bytes + 1)  # the iterator skips the rest
         except Exception:
             counts["bad_records"] += 1
+            continue
+        if len(payload) > limits.max_record_bytes:
+            counts["oversized_records"] += 1
             continue
         if kind == "conversion":
             yield RawDocument(payload.decode("utf-8", "replace"), url, record_no, date)
@@ -142,9 +159,24 @@ def read_warc(stream, counts: Counter, extractor: str) -> Iterator[RawDocument]:
         yield RawDocument(html_to_text(html, extractor), url, record_no, date)
 
 
-def read_jsonl(stream, counts: Counter, text_field: str, url_field: str) -> Iterator[RawDocument]:
-    for record_no, raw in enumerate(stream):
+def _lines(stream, counts: Counter, max_bytes: int) -> Iterator[bytes | None]:
+    """The stream's lines, each read with at most `max_bytes` + 1 bytes in memory; None for a longer one (counted
+    as oversized_lines), whose rest is read past in pieces."""
+    while line := stream.readline(max_bytes + 1):
+        if len(line) <= max_bytes:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = stream.readline(max_bytes + 1)
+        counts["oversized_lines"] += 1
+        yield None
+
+
+def read_jsonl(stream, counts: Counter, text_field: str, url_field: str, limits: ReadLimits) -> Iterator[RawDocument]:
+    for record_no, raw in enumerate(_lines(stream, counts, limits.max_line_bytes)):
         counts["records"] += 1
+        if raw is None:
+            continue
         try:
             obj = json.loads(raw)
             text = obj[text_field]
@@ -156,7 +188,9 @@ def read_jsonl(stream, counts: Counter, text_field: str, url_field: str) -> Iter
             counts["bad_records"] += 1
 
 
-def read_parquet(handle, counts: Counter, text_field: str, url_field: str, path: str) -> Iterator[RawDocument]:
+def read_parquet(
+    handle, counts: Counter, text_field: str, url_field: str, path: str, limits: ReadLimits
+) -> Iterator[RawDocument]:
     parquet = pq.ParquetFile(handle)
     names = parquet.schema_arrow.names
     if text_field not in names:
@@ -168,15 +202,21 @@ def read_parquet(handle, counts: Counter, text_field: str, url_field: str, path:
         urls = batch.column(url_field).to_pylist() if url_field in names else [""] * len(texts)
         for text, url in zip(texts, urls, strict=True):
             counts["records"] += 1
-            if isinstance(text, str):
+            if isinstance(text, str) and len(text) > limits.max_record_bytes:  # characters: at least as many bytes
+                counts["oversized_records"] += 1
+            elif isinstance(text, str):
                 yield RawDocument(text, url if isinstance(url, str) else "", record_no)
             else:
                 counts["bad_records"] += 1
             record_no += 1
 
 
-def read_plain_file(payload: bytes, counts: Counter, strict_utf8: bool) -> Iterator[RawDocument]:
+def read_plain_file(stream, counts: Counter, strict_utf8: bool, limits: ReadLimits) -> Iterator[RawDocument]:
     counts["records"] += 1
+    payload = stream.read(limits.max_record_bytes + 1)
+    if len(payload) > limits.max_record_bytes:
+        counts["oversized_records"] += 1
+        return
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -188,15 +228,22 @@ def read_plain_file(payload: bytes, counts: Counter, strict_utf8: bool) -> Itera
 
 
 def read_documents(
-    path: str, source_type: str, counts: Counter, text_field: str, url_field: str, extractor: str
+    path: str,
+    source_type: str,
+    counts: Counter,
+    text_field: str,
+    url_field: str,
+    extractor: str,
+    limits: ReadLimits | None = None,
 ) -> Iterator[RawDocument]:
     """All documents of one file. Damage inside a file is counted in `counts` (bad_records, truncated_files,
     bad_files) and never raised; a Parquet file without the configured text column raises GptlineError."""
     fs, inner = filesystem(path)
+    limits = limits or ReadLimits()
     try:
         if source_type == "parquet":
             with fs.open_input_file(inner) as handle:
-                yield from read_parquet(handle, counts, text_field, url_field, path)
+                yield from read_parquet(handle, counts, text_field, url_field, path, limits)
             return
         compression = "detect" if source_type == "jsonl" else None
         with fs.open_input_stream(inner, compression=compression) as stream:
@@ -205,10 +252,11 @@ def read_documents(
                 # truncated member for a clean end of file: here truncation raises and is counted.
                 buffered = io.BufferedReader(stream)
                 is_gzip = buffered.peek(2)[:2] == b"\x1f\x8b"
-                yield from read_warc(gzip.GzipFile(fileobj=buffered) if is_gzip else buffered, counts, extractor)
+                warc = gzip.GzipFile(fileobj=buffered) if is_gzip else buffered
+                yield from read_warc(warc, counts, extractor, limits)
             elif source_type == "jsonl":
-                yield from read_jsonl(io.BufferedReader(stream), counts, text_field, url_field)  # adds readline
+                yield from read_jsonl(io.BufferedReader(stream), counts, text_field, url_field, limits)  # readline
             else:
-                yield from read_plain_file(stream.read(), counts, strict_utf8=source_type == "code")
+                yield from read_plain_file(stream, counts, source_type == "code", limits)
     except (OSError, ValueError, EOFError, zlib.error):  # truncated or corrupt compression, not the format it claims
         counts["bad_files"] += 1

@@ -44,10 +44,17 @@ def mutated(draw, original: bytes) -> bytes:
     return bytes(data)
 
 
+SKIPPED = ("bad_records", "skipped_status", "skipped_non_html", "oversized_records", "oversized_lines")
+
+
 def read_all(path: Path, source_type: str) -> tuple[int, Counter]:
+    """Every record read is a document or a skip counted by its reason (a truncation is one bad record more)."""
     counts: Counter = Counter()
     documents = list(read_documents(str(path), source_type, counts, "text", "url", "resiliparse"))
     assert all(isinstance(d.text, str) for d in documents)
+    if not counts["bad_files"]:
+        skipped = sum(counts[reason] for reason in SKIPPED)
+        assert len(documents) + skipped == counts["records"] + counts["truncated_files"], counts
     return len(documents), counts
 
 
@@ -71,15 +78,23 @@ JSONL = "".join(
 )
 
 
+def compressed(data: bytes, codec: str) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, codec) as f:
+        f.write(data)
+    return sink.getvalue().to_pybytes()
+
+
 @FUZZ
 @given(data=st.data())
 def test_mutated_jsonl_never_crashes_the_reader(tmp_path, data):
     plain = tmp_path / "docs.jsonl"
     plain.write_bytes(data.draw(mutated(JSONL.encode())))
     read_all(plain, "jsonl")
-    packed = tmp_path / "docs.jsonl.gz"
-    packed.write_bytes(data.draw(mutated(gzip.compress(JSONL.encode()))))
-    read_all(packed, "jsonl")
+    for suffix, codec in ((".gz", "gzip"), (".bz2", "bz2"), (".zst", "zstd")):
+        packed = tmp_path / f"docs.jsonl{suffix}"
+        packed.write_bytes(data.draw(mutated(compressed(JSONL.encode(), codec))))
+        read_all(packed, "jsonl")
 
 
 def parquet_bytes(tmp_path: Path) -> bytes:

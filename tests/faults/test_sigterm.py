@@ -43,7 +43,7 @@ def test_sigterm_to_a_running_stage_stops_it_cleanly_and_resume_finishes_without
     written = pipeline.chunks_written()
     assert 2 <= len(written) < 6 and not list(pipeline.store.glob("numbers/*.partial/" + STOP_REQUEST))
 
-    assert pipeline.cli("resume", run_id) == 0
+    assert pipeline.resume(run_id) == 0
     assert pipeline.chunks_written() == [f"chunk{i}" for i in range(6)]  # the rest, none twice
     assert [pipeline.executions().count(s) for s in ("squares", "evens", "total")] == [1, 1, 1]
 
@@ -63,7 +63,7 @@ def test_sigterm_to_the_driver_stops_the_running_stage_cancels_the_rest_and_resu
     assert pipeline.executions() == ["numbers"]  # nothing downstream started
     assert 2 <= len(pipeline.chunks_written()) < 6
 
-    assert pipeline.cli("resume", run_id) == 0
+    assert pipeline.resume(run_id) == 0
     assert pipeline.chunks_written() == [f"chunk{i}" for i in range(6)]
     assert [pipeline.executions().count(s) for s in ("squares", "evens", "total")] == [1, 1, 1]
 
