@@ -37,6 +37,7 @@ from gptline.training.driver import train
 from gptline.training.fit import Schedule
 from gptline.training.loaders import ExampleLoader, collate_packed_sequences, pad_rows
 from gptline.training.log import log_sections
+from gptline.training.preference import weighted_mean
 from gptline.training.supervised import SupervisedTask, to_device
 from gptline.training.worker import TrainedModel
 from pipeline.checks import at_least
@@ -69,8 +70,7 @@ class RMConfig(TrainConfig):
 # ---- the objective -------------------------------------------------------------------------------------------
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """sum(w * -log sigmoid(r_chosen - r_rejected)) / sum(w); zero when the batch holds no pair."""
-    losses = -F.logsigmoid(chosen - rejected)
-    return (weight * losses).sum() / weight.sum().clamp(min=1e-12)
+    return weighted_mean(-F.logsigmoid(chosen - rejected), weight)
 
 
 def collate(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None], pad_id: int, reward_id: int,
