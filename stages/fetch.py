@@ -55,7 +55,7 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 3  # 3: the pydoc crawl covers the standard library only (it followed the virtualenv)
+VERSION = 4  # 4: evals_choice drops wrong options whose text is the correct one's (a pair of identical answers)
 CONVERTERS = ("mediawiki", "files", "chatterbot", "chatterbot_chat", "evals_chat", "evals_choice")
 
 
@@ -274,7 +274,8 @@ ANSWER = re.compile(r"^\s*\(?([A-Ea-e])\b")
 
 
 def multiple_choice(question: str, ideal: str) -> tuple[str, str, list[str]] | None:
-    """(stem, correct option, wrong options) of a question whose options are lines `A. ...`, `b) ...`, `C: ...`."""
+    """(stem, correct option, wrong options) of a question whose options are lines `A. ...`, `b) ...`, `C: ...`; an
+    option whose text repeats the correct one's is not a wrong one."""
     lines = question.splitlines()
     options = [(i, OPTION.match(line)) for i, line in enumerate(lines)]
     options = [(i, m.group(1).upper(), m.group(2)) for i, m in options if m]
@@ -286,7 +287,7 @@ def multiple_choice(question: str, ideal: str) -> tuple[str, str, list[str]] | N
     stem = "\n".join(lines[: options[0][0]]).strip().removesuffix("Answer:").strip()
     if correct not in texts or not stem or len(texts) != len(options):
         return None
-    return stem, texts[correct], [t for letter, t in texts.items() if letter != correct]
+    return stem, texts[correct], [t for letter, t in texts.items() if letter != correct and t != texts[correct]]
 
 
 def convert_evals_choice(members: list[tuple[str, bytes]], out: Path, archive: ArchiveConfig) -> int:

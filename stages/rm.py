@@ -26,8 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gptline.data.chat import ChatTemplate, Skipped, read_comparisons
-from gptline.data.dedup import unit_hash
+from gptline.data.chat import ChatTemplate, Comparison, Skipped, read_comparisons, split_comparisons
 from gptline.data.formats import COMPARISONS, REWARD_STATS, load_ragged, save_ragged
 from gptline.model.export import export, load
 from gptline.model.gpt import ScalarModel, rewards_at, rewards_at_last
@@ -92,22 +91,15 @@ def prepare(cfg: RMConfig, inputs: dict[str, Path], template: ChatTemplate, max_
     patterns = [p.format(**{k: str(v) for k, v in inputs.items()}) for p in cfg.data]
     skipped = Skipped()
     comparisons = read_comparisons(patterns, "rm.data", skipped)
-    kept, keys = [], []
-    for number, c in enumerate(comparisons):
+
+    def encode(number: int, c: Comparison):
         chosen, rejected = template.reward_input(c.prompt, c.chosen), template.reward_input(c.prompt, c.rejected)
         if max(len(chosen), len(rejected)) > max_len:
             skipped.add("longer_than_context", f"comparison {number} ({max(len(chosen), len(rejected))} > {max_len})")
-            continue
-        kept.append((chosen, rejected, np.array([c.weight])))
-        keys.append(f"{c.group}\0{json.dumps(c.prompt, sort_keys=True)}")
-    held_out = unit_hash(cfg.seed, "rm-split", keys) < cfg.validation_fraction
-    splits = {"train": [k for k, h in zip(kept, held_out, strict=True) if not h],
-              "validation": [k for k, h in zip(kept, held_out, strict=True) if h]}  # fmt: skip
-    if not splits["train"] or not splits["validation"]:
-        raise GptlineError(
-            f"rm.data: {len(kept)} usable comparisons in {patterns} ({dict(skipped.counts)} skipped); both the "
-            "training and the held-out split need at least one"
-        )
+            return None
+        return chosen, rejected, np.array([c.weight])
+
+    splits = split_comparisons(comparisons, encode, cfg.seed, cfg.validation_fraction, f"rm.data {patterns}", skipped)
     counts = {"comparisons": len(comparisons), "train_pairs": len(splits["train"]),
               "validation_pairs": len(splits["validation"]), "skipped": skipped.summary()}  # fmt: skip
     return splits, counts

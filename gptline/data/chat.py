@@ -19,12 +19,13 @@ every assistant turn's content and its `<|end|>`, nothing of system or user turn
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -159,6 +160,7 @@ class Comparison:
     rejected: str
     weight: float = 1.0
     group: int = 0  # the record it came from: pairs of one ranking stay on one side of the held-out split
+    source: str = ""  # file:line of that record
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -202,10 +204,38 @@ def read_comparisons(patterns: list[str], key: str, skipped: Skipped) -> list[Co
     found: list[Comparison] = []
     for group, (where, record) in enumerate(jsonl_records(patterns, key, skipped)):
         try:
-            found += comparisons(record, group)
+            found += [dataclasses.replace(c, source=where) for c in comparisons(record, group)]
         except BadRecord as bad:
             skipped.add(str(bad), where)
     return found
+
+
+# The held-out split's hash salt. rm's artifacts were split with it, and dpo splits with it too, so at the same seed
+# and fraction both hold out the same prompts (those evaluate asks the models, which then no training stage saw).
+COMPARISON_SPLIT = "rm-split"
+
+
+def split_comparisons(found: list[Comparison], encode: Callable[[int, Comparison], Any], seed: int,
+                      fraction: float, what: str, skipped: Skipped) -> dict[str, list[Any]]:  # fmt: skip
+    """The comparisons encoded by `encode(number, comparison)` (None: skipped, the reason added to `skipped`) and
+    split into "train" and "validation" by a hash of the record and the prompt, so the pairs of one ranking stay on
+    one side and the split never depends on order. `what` names the data in the error when a side is empty."""
+    from gptline.data.dedup import unit_hash
+    from pipeline.errors import GptlineError
+
+    kept, keys = [], []
+    for number, c in enumerate(found):
+        item = encode(number, c)
+        if item is not None:
+            kept.append(item)
+            keys.append(f"{c.group}\0{json.dumps(c.prompt, sort_keys=True)}")
+    held_out = unit_hash(seed, COMPARISON_SPLIT, keys) < fraction
+    splits = {"train": [k for k, h in zip(kept, held_out, strict=True) if not h],
+              "validation": [k for k, h in zip(kept, held_out, strict=True) if h]}  # fmt: skip
+    if not splits["train"] or not splits["validation"]:
+        raise GptlineError(f"{what}: {len(kept)} usable comparisons ({dict(skipped.counts)} skipped); both the "
+                           "training and the held-out split need at least one")  # fmt: skip
+    return splits
 
 
 # ---- the template ------------------------------------------------------------------------------------------------
