@@ -11,7 +11,7 @@ start from that.
 """
 
 from pipeline.dag import InputChoice, StageResources, StageSpec
-from stages import crawl_mix, evaluate, fetch, import_hf, ppo, pretrain, rm, sft, tokenize, tokenizer
+from stages import crawl_mix, dpo, evaluate, fetch, import_hf, ppo, pretrain, rm, sft, tokenize, tokenizer
 
 IMPORTED = {"base_model.source": "hf"}
 TOKENIZER = InputChoice("tokenizer", "tokenizer", ((IMPORTED, "import"),))
@@ -100,6 +100,17 @@ REGISTRY: list[StageSpec] = [
         starts_workers=True,
         stops_on_request=True,
         report=ppo.report,
+    ),
+    StageSpec(
+        "dpo",
+        dpo.run,
+        dpo.DPOConfig,
+        inputs=("sft", "fetch"),
+        version=dpo.VERSION,
+        resources=StageResources(num_workers=2, cpus_per_worker=1.0),
+        starts_workers=True,
+        stops_on_request=True,
+        report=dpo.report,
     ),
     StageSpec(
         "evaluate",
