@@ -2,8 +2,8 @@
 
 The stage function reads the comparison files (`data`; pairs, K-way rankings and Anthropic HH transcripts, see
 `gptline/data/chat.py`), encodes each side as prompt + response + `<|reward|>` with the chat template, skips and
-counts comparisons longer than the context, and holds out a fraction by a hash of the prompt (the pairs of one
-ranking stay on one side). The encoded pairs go to `comparisons.npz`; the training library runs the recipe on the
+counts comparisons longer than the context, and holds out a fraction by a hash of the prompt (every pair of one
+prompt stays on one side). The encoded pairs go to `comparisons.npz`; the training library runs the recipe on the
 stage's workers with checkpoints, exact resume and the loss guard, as for every training stage.
 
 Loss: -log sigmoid(r_chosen - r_rejected), each pair weighted (1/C(K,2) for the pairs of a K-way ranking, 1 for a plain
@@ -43,7 +43,7 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 2
+VERSION = 3
 SPLITS = ("train", "validation")
 COLUMNS = ("chosen", "rejected", "weight")
 
