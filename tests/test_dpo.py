@@ -35,7 +35,7 @@ def chat_model(tmp: Path, tok: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def comparisons(tmp_path_factory) -> dict[str, Path]:
-    """The default run's comparisons (the fetch stage's preferences_evals pairs; the first 800 lines: the CISSP and
+    """The default run's comparisons (the fetch stage's preferences_evals pairs; the first 1600 lines: the CISSP and
     amateur-radio questions), a tokenizer trained on them, and the data directory."""
     registry = yaml.safe_load((DEFAULT_CONFIG_DIR / "fetch" / "registry.yaml").read_text())["archives"]
     tmp = tmp_path_factory.mktemp("dpo-data")
@@ -43,7 +43,7 @@ def comparisons(tmp_path_factory) -> dict[str, Path]:
                                     "crawl": {"enabled": False}})  # fmt: skip
     (tmp / "fetched").mkdir()
     fetch.run(cfg, {}, tmp / "fetched", StageContext("fetch", quiet=True))
-    lines = (tmp / "fetched" / "preferences_evals" / "pairs.jsonl").read_text().splitlines()[:800]
+    lines = (tmp / "fetched" / "preferences_evals" / "pairs.jsonl").read_text().splitlines()[:1600]
     (tmp / "data").mkdir()
     (tmp / "data" / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     pairs = read_comparisons([str(tmp / "data" / "pairs.jsonl")], "dpo.data", Skipped())
@@ -103,14 +103,15 @@ def test_dpo_pairs_hold_only_the_last_answer_trained_and_rankings_expand_with_we
 
 @pytest.mark.slow
 def test_dpo_raises_held_out_implicit_reward_accuracy_above_chance_over_three_seeds(comparisons, ray_session):
-    """Two epochs on 720 training pairs of the default comparisons, 80 held out; each seed its own model
-    initialisation and data order. Figures in the log."""
+    """One epoch on about 1100 training pairs of the default comparisons, about 480 held out (30% of the prompts: a
+    standard error of 0.023 on an accuracy of 0.5); each seed its own model initialisation, split and data order.
+    Every seed must end more than two standard errors above chance. Figures in the log."""
     accuracies = []
     for seed in (0, 1, 2):
         model = chat_model(comparisons["tmp"], comparisons["tokenizer"], seed)
         out = comparisons["tmp"] / f"dpo-{seed}"
-        final = run_dpo({"sft": model, "fetch": comparisons["data"]}, out, seed=seed, epochs=2, eval_every=45,
-                        optim={"lr": 1e-3, "warmup_steps": 5})  # fmt: skip
+        final = run_dpo({"sft": model, "fetch": comparisons["data"]}, out, seed=seed, epochs=1, eval_every=35,
+                        validation_fraction=0.3, optim={"lr": 1e-3, "warmup_steps": 5})  # fmt: skip
         first = next(r for r in log(out) if "val_accuracy" in r)
         print(f"seed {seed}: held-out accuracy {first['val_accuracy']:.3f} at step {first['step']} -> "
               f"{final['val_accuracy']:.3f} at {final['steps']}, margin {final['val_margin']:.3f}, "
@@ -118,7 +119,7 @@ def test_dpo_raises_held_out_implicit_reward_accuracy_above_chance_over_three_se
               f"{final['val_rejected_logp']:.1f}")  # fmt: skip
         accuracies.append(final["val_accuracy"])
         assert final["val_kl"] > 0 and final["val_margin"] > 0
-    assert min(accuracies) > 0.6, accuracies
+    assert min(accuracies) > 0.55, accuracies
 
 
 @pytest.mark.slow

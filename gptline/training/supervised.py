@@ -1,4 +1,4 @@
-"""Tasks whose step is a loss over batches (pretrain, sft, rm): gradient accumulation behind a loss guard.
+"""Tasks whose step is a loss over batches (pretrain, sft, rm, dpo): gradient accumulation behind a loss guard.
 
 `SupervisedTask.step` runs `grad_accum` micro-batches of the stage's `loss(batch)`. Each micro-batch's loss (its
 mean over ranks, so every rank decides alike) is judged by the `LossGuard` before its backward pass: a non-finite
