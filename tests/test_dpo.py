@@ -35,20 +35,18 @@ def chat_model(tmp: Path, tok: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def comparisons(tmp_path_factory) -> dict[str, Path]:
-    """The default run's comparisons (the fetch stage's preferences_evals pairs; the first 1600 lines: the CISSP and
-    amateur-radio questions), a tokenizer trained on them, and the data directory."""
+    """The default run's comparisons (the fetch stage's preferences_evals pairs), a tokenizer trained on them, and
+    the data directory."""
     registry = yaml.safe_load((DEFAULT_CONFIG_DIR / "fetch" / "registry.yaml").read_text())["archives"]
     tmp = tmp_path_factory.mktemp("dpo-data")
     cfg = typed(fetch.FetchConfig, {"archives": {"preferences_evals": registry["preferences_evals"]},
                                     "crawl": {"enabled": False}})  # fmt: skip
     (tmp / "fetched").mkdir()
     fetch.run(cfg, {}, tmp / "fetched", StageContext("fetch", quiet=True))
-    lines = (tmp / "fetched" / "preferences_evals" / "pairs.jsonl").read_text().splitlines()[:1600]
-    (tmp / "data").mkdir()
-    (tmp / "data" / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    pairs = read_comparisons([str(tmp / "data" / "pairs.jsonl")], "dpo.data", Skipped())
+    data = tmp / "fetched" / "preferences_evals"
+    pairs = read_comparisons([str(data / "pairs.jsonl")], "dpo.data", Skipped())
     texts = [m["content"] for p in pairs for m in p.prompt] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    return {"data": tmp / "data", "tokenizer": train_tokenizer(tmp, texts, vocab_size=1024), "tmp": tmp}
+    return {"data": data, "tokenizer": train_tokenizer(tmp, texts, vocab_size=1024), "tmp": tmp}
 
 
 def run_dpo(inputs: dict[str, Path], out: Path, workers: int = 1, **overrides) -> dict:
@@ -103,32 +101,37 @@ def test_dpo_pairs_hold_only_the_last_answer_trained_and_rankings_expand_with_we
 
 @pytest.mark.slow
 def test_dpo_raises_held_out_implicit_reward_accuracy_above_chance_over_three_seeds(comparisons, ray_session):
-    """One epoch on about 1100 training pairs of the default comparisons, about 480 held out (30% of the prompts: a
-    standard error of 0.023 on an accuracy of 0.5); each seed its own model initialisation, split and data order.
-    Every seed must end more than two standard errors above chance. Figures in the log."""
+    """One epoch on about 4900 training pairs of the default comparisons, about 2100 held out (30% of the prompts:
+    a standard error of 0.011 on an accuracy of 0.5; at step 0 the policy is the reference, every margin is 0 and
+    the accuracy exactly 0.5); each seed its own model initialisation, split and data order. Every seed must end
+    at least 0.05 above chance (over four standard errors). Figures in the log."""
     accuracies = []
     for seed in (0, 1, 2):
         model = chat_model(comparisons["tmp"], comparisons["tokenizer"], seed)
         out = comparisons["tmp"] / f"dpo-{seed}"
-        final = run_dpo({"sft": model, "fetch": comparisons["data"]}, out, seed=seed, epochs=1, eval_every=35,
-                        validation_fraction=0.3, optim={"lr": 1e-3, "warmup_steps": 5})  # fmt: skip
-        first = next(r for r in log(out) if "val_accuracy" in r)
-        print(f"seed {seed}: held-out accuracy {first['val_accuracy']:.3f} at step {first['step']} -> "
-              f"{final['val_accuracy']:.3f} at {final['steps']}, margin {final['val_margin']:.3f}, "
+        final = run_dpo({"sft": model, "fetch": comparisons["data"]}, out, seed=seed, epochs=1, batch_size=32,
+                        eval_every=1000, validation_fraction=0.3, optim={"lr": 1e-3, "warmup_steps": 5})  # fmt: skip
+        data = json.loads((out / "data.json").read_text())
+        print(f"seed {seed}: {data['train_pairs']} training / {data['validation_pairs']} held-out pairs: held-out "
+              f"accuracy {final['val_accuracy']:.3f} after {final['steps']} steps, margin {final['val_margin']:.3f}, "
               f"KL/token {final['val_kl']:.4f}, chosen/rejected logp {final['val_chosen_logp']:.1f} / "
               f"{final['val_rejected_logp']:.1f}")  # fmt: skip
         accuracies.append(final["val_accuracy"])
         assert final["val_kl"] > 0 and final["val_margin"] > 0
-    assert min(accuracies) > 0.55, accuracies
+    assert min(accuracies) >= 0.55, accuracies
 
 
 @pytest.mark.slow
 def test_dpo_resume_after_a_killed_worker_reproduces_the_straight_run(comparisons, tmp_path, ray_session):
     model = chat_model(tmp_path, comparisons["tokenizer"], seed=0)
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (comparisons["data"] / "pairs.jsonl").read_text().splitlines()
+    (data / "pairs.jsonl").write_text("\n".join(lines[:160]) + "\n")  # a small file: this test is about the resume
     short = {"steps": 8, "eval_every": 4, "checkpoint_every": 4, "batch_size": 8}
-    run_dpo({"sft": model, "fetch": comparisons["data"]}, tmp_path / "straight", workers=2, **short)
+    run_dpo({"sft": model, "fetch": data}, tmp_path / "straight", workers=2, **short)
     (ray_session.fault_dir / "dpo.after_checkpoint_4").touch()
-    run_dpo({"sft": model, "fetch": comparisons["data"]}, tmp_path / "resumed", workers=2, **short)
+    run_dpo({"sft": model, "fetch": data}, tmp_path / "resumed", workers=2, **short)
     assert not (ray_session.fault_dir / "dpo.after_checkpoint_4").exists()  # the fault fired
     a, b = (log(tmp_path / run) for run in ("straight", "resumed"))
     assert [r["step"] for r in b] == list(range(1, 9))
