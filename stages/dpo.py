@@ -104,7 +104,9 @@ def prepare(cfg: DPOConfig, inputs: dict[str, Path], template: ChatTemplate, max
 
     def encode(number: int, c: Comparison):
         key = json.dumps(c.prompt, sort_keys=True)
-        prompt_ids = prompts.setdefault(key, template.prompt(c.prompt))
+        if key not in prompts:  # the pairs of one question share their prompt: encoded once
+            prompts[key] = template.prompt(c.prompt)
+        prompt_ids = prompts[key]
         if len(prompt_ids) >= max_len:
             raise GptlineError(f"dpo.data: {c.source}: the prompt is {len(prompt_ids)} tokens, which leaves no room "
                                f"for an answer in {max_len} (dpo.max_len, or the SFT model's context)")  # fmt: skip

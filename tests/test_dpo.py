@@ -46,7 +46,7 @@ def comparisons(tmp_path_factory) -> dict[str, Path]:
     data = tmp / "fetched" / "preferences_evals"
     pairs = read_comparisons([str(data / "pairs.jsonl")], "dpo.data", Skipped())
     texts = [m["content"] for p in pairs for m in p.prompt] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    return {"data": data, "tokenizer": train_tokenizer(tmp, texts, vocab_size=1024), "tmp": tmp}
+    return {"data": data, "tokenizer": train_tokenizer(tmp, texts, vocab_size=2048), "tmp": tmp}
 
 
 def run_dpo(inputs: dict[str, Path], out: Path, workers: int = 1, **overrides) -> dict:
