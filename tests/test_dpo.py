@@ -148,3 +148,17 @@ def test_dpo_resume_after_a_killed_worker_reproduces_the_straight_run(comparison
     checkpoint = next((tmp_path / "resumed").glob("transient/checkpoints/model/step-00000004")).stat().st_mtime_ns
     assert reference < checkpoint
     assert isinstance(load(tmp_path / "resumed"), GPT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ipo", "simpo"])
+def test_ipo_and_simpo_train_and_simpo_reads_no_reference(kind, comparisons, tmp_path, ray_session):
+    model = chat_model(tmp_path, comparisons["tokenizer"], seed=0)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "pairs.jsonl").write_text("\n".join((comparisons["data"] / "pairs.jsonl").read_text().splitlines()[:160]))
+    loss = {"kind": kind, "beta": 2.0 if kind == "simpo" else 0.1}
+    final = run_dpo({"sft": model, "fetch": data}, tmp_path / kind, steps=4, eval_every=4, batch_size=8, loss=loss)
+    records = log(tmp_path / kind)
+    assert all(r["loss"] == r["loss"] for r in records) and 0 <= final["val_accuracy"] <= 1 and final["val_kl"] >= 0
+    assert (tmp_path / kind / dpo.REFERENCE).exists() == (kind == "ipo")
