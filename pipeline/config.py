@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import redact
-from pipeline.dag import StageResources, StageSpec
+from pipeline.dag import StageResources, StageSpec, stage_choices
 from pipeline.errors import ConfigError
 from pipeline.versioning import mapped_dataclass
 
@@ -129,9 +129,13 @@ def build_schema(specs: list[StageSpec]) -> type:
         if spec.key in fields and fields[spec.key] is not spec.config_class:
             raise ConfigError(f"config key {spec.key!r} of stage {spec.name!r} is already taken")
         fields[spec.key] = spec.config_class
-    return dataclasses.make_dataclass(
-        "GptlineConfig", [(name, cls, field(default_factory=cls)) for name, cls in fields.items()]
-    )
+    entries = [(name, cls, field(default_factory=cls)) for name, cls in fields.items()]
+    for choice in stage_choices(specs):
+        if choice.key in fields:
+            raise ConfigError(f"config key {choice.key!r} of a stage choice is already taken")
+        # A name or a list of names (`alignment=dpo`, `alignment=[ppo,dpo]`), checked by `load_config`.
+        entries.append((choice.key, Any, field(default_factory=lambda c=choice: list(c.default))))
+    return dataclasses.make_dataclass("GptlineConfig", entries)
 
 
 def _schema_at(schema: type, dotted: str) -> type | None:
@@ -279,6 +283,9 @@ def load_config(specs: list[StageSpec], data: dict[str, Any]) -> dict[str, Any]:
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema), data)
         validate(OmegaConf.to_object(typed))
+        for choice in stage_choices(specs):
+            for problem in choice.problems(OmegaConf.to_container(typed)[choice.key]):
+                raise ConfigError(f"invalid value for config key '{choice.key}': {problem}")
         return OmegaConf.to_container(typed, resolve=True)
     except OmegaConfBaseException as e:
         raise _explain(e, schema) from e

@@ -12,7 +12,8 @@ returned dict of numbers goes into the manifest.
 
 An input may be chosen by config (`InputChoice`): the stage reads it under one name (its slot) whichever stage
 the config picks to fill it, so one recipe serves, say, a base model made by one stage or brought in by another. A
-run builds the stages its selection needs: by default the graph's ends (stages no stage can take as input) and,
+`StageChoice` is a top-level config key naming any number of alternative stages (`alignment=[ppo,dpo]`): a stage
+that takes whichever are chosen has one such input per option, filled only when the key names it. A run builds the stages its selection needs: by default the graph's ends (stages no stage can take as input) and,
 through the inputs the config chooses, what they need; a stage no chosen input reaches is not built. The edges of
 every possible choice must form a DAG, so any configuration's graph does. A stage whose config only names its
 input data (a path to files another tool wrote) says what its output really depends on with `identity`: the
@@ -192,23 +193,52 @@ def config_value(config: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def holds(found: Any, value: Any) -> bool:
+    """Whether a config value `found` satisfies a condition's `value`: it is that value, or a list holding it."""
+    return found == value or (isinstance(found, list | tuple) and value in found)
+
+
+@dataclass(frozen=True)
+class StageChoice:
+    """A top-level config key naming any of a set of alternative stages, one (`alignment=dpo`) or several
+    (`alignment=[ppo,dpo]`); `default` when the config does not say. A stage that takes whichever are chosen lists
+    `inputs()` among its inputs: one slot per option, filled (under the option's name) when the config names it,
+    absent otherwise, so a run builds only the chosen ones. Another option is one more name in `options`."""
+
+    key: str
+    options: tuple[str, ...]
+    default: tuple[str, ...]
+
+    def inputs(self) -> tuple[InputChoice, ...]:
+        return tuple(InputChoice(stage, None, (({self.key: stage}, stage),), choice=self) for stage in self.options)
+
+    def problems(self, value: Any) -> list[str]:
+        """What is wrong with a config's value for this key (an unknown option, or not a name or list of names)."""
+        names = value if isinstance(value, list | tuple) else [value]
+        if not all(isinstance(n, str) for n in names):
+            return [f"must be one of {', '.join(self.options)} or a list of them, got {value!r}"]
+        return [f"unknown choice {n!r}; choose from {', '.join(self.options)}" for n in names if n not in self.options]
+
+
 @dataclass(frozen=True)
 class InputChoice:
     """An input whose producing stage the config picks. `cases` are (condition, stage) pairs tried in order: a
-    condition maps dotted config keys to values and holds when the config has them all; the first that holds picks
-    its stage, None meaning no input in this slot; when none holds, `default` does. The stage finds the chosen
-    artifact in its inputs under `slot`."""
+    condition maps dotted config keys to values and holds when the config has them all (see `holds`); the first
+    that holds picks its stage, None meaning no input in this slot; when none holds, `default` does. The stage
+    finds the chosen artifact in its inputs under `slot`. `choice`: the StageChoice whose key the cases read, if
+    any (its key then joins the config schema)."""
 
     slot: str
     default: str | None
     cases: tuple[tuple[Mapping[str, Any], str | None], ...] = ()
+    choice: StageChoice | None = None
 
     def stages(self) -> list[str]:
         return [s for s in dict.fromkeys((self.default, *(stage for _, stage in self.cases))) if s is not None]
 
     def chosen(self, config: Mapping[str, Any]) -> str | None:
         for condition, stage in self.cases:
-            if all(config_value(config, key) == value for key, value in condition.items()):
+            if all(holds(config_value(config, key), value) for key, value in condition.items()):
                 return stage
         return self.default
 
@@ -261,6 +291,12 @@ class StageSpec:
     def input_stages(self, config: Mapping[str, Any]) -> list[str]:
         """The stages this stage takes input from under this config, each once, in declaration order."""
         return list(dict.fromkeys(self.slots(config).values()))
+
+
+def stage_choices(specs: Iterable[StageSpec]) -> list[StageChoice]:
+    """The StageChoices the specs' inputs read, each once: their keys are config keys of their own."""
+    found = [i.choice for spec in specs for i in spec.inputs if isinstance(i, InputChoice) and i.choice is not None]
+    return list(dict.fromkeys(found))
 
 
 def load_registry(ref: str) -> list[StageSpec]:

@@ -46,7 +46,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline import redact
 from pipeline.artifacts import RUNS_DIR, Store
 from pipeline.config import typed
-from pipeline.dag import DAG, StageContext, StageResources, StageSpec, stop_on_sigterm
+from pipeline.dag import DAG, StageContext, StageResources, StageSpec, stage_choices, stop_on_sigterm
 from pipeline.errors import DagError, GptlineError, StoreError
 from pipeline.progress import BAR_STATE_TAG, Progress, default_mode
 from pipeline.tracking import Tracker
@@ -439,8 +439,10 @@ class Runner:
         unselected = sorted(self.rebuild - set(selection))
         if unselected:
             raise DagError(f"--rebuild {' '.join(unselected)}: not in this run's selection")
-        # What the choices of inputs and the versions are read from: each stage's config subtree by its key.
+        # What the choices of inputs and the versions are read from: each stage's config subtree by its key, and the
+        # keys of the stage choices.
         self.configs = {spec.key: config.get(spec.key) for spec in dag.specs.values()}
+        self.configs |= {choice.key: config.get(choice.key) for choice in stage_choices(dag.specs.values())}
         self.versions = dag.versions(self.configs, selection)
         self.scratch = Path(config["run"]["scratch_dir"]).expanduser()
         self.record = RunRecord(store, run_id, self.scratch)

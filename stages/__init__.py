@@ -8,15 +8,21 @@ The config group `base_model` picks where the base model and the tokenizer come 
 base model) of sft and evaluate; the tokenizer and pretrain stages are then not built, unless
 `base_model.continue_pretraining=true` has pretrain continue the imported model (its "base_model" input) and sft
 start from that.
+
+The key `alignment` picks the alignment stages on the sft model (ppo by default; dpo; several at once, e.g.
+`alignment=[ppo,dpo]`): each chosen one is built and fills its own input of evaluate, which compares them all.
 """
 
-from pipeline.dag import InputChoice, StageResources, StageSpec
-from stages import crawl_mix, evaluate, fetch, import_hf, ppo, pretrain, rm, sft, tokenize, tokenizer
+from pipeline.dag import InputChoice, StageChoice, StageResources, StageSpec
+from stages import crawl_mix, dpo, evaluate, fetch, import_hf, ppo, pretrain, rm, sft, tokenize, tokenizer
 
 IMPORTED = {"base_model.source": "hf"}
 TOKENIZER = InputChoice("tokenizer", "tokenizer", ((IMPORTED, "import"),))
 BASE_MODEL = InputChoice("pretrain", "pretrain", (({**IMPORTED, "base_model.continue_pretraining": False}, "import"),))
 CONTINUED = InputChoice("base_model", None, (({**IMPORTED, "base_model.continue_pretraining": True}, "import"),))
+# The alignment stages, alternatives on the same sft model: `alignment=dpo`, `alignment=[ppo,dpo]`; evaluate
+# compares every one chosen. A new one is a name here (and its StageSpec below).
+ALIGNMENT = StageChoice("alignment", ("ppo", "dpo"), default=("ppo",))
 
 REGISTRY: list[StageSpec] = [
     StageSpec("fetch", fetch.run, fetch.FetchConfig, version=fetch.VERSION),
@@ -102,10 +108,21 @@ REGISTRY: list[StageSpec] = [
         report=ppo.report,
     ),
     StageSpec(
+        "dpo",
+        dpo.run,
+        dpo.DPOConfig,
+        inputs=("sft", "fetch"),
+        version=dpo.VERSION,
+        resources=StageResources(num_workers=2, cpus_per_worker=1.0),
+        starts_workers=True,
+        stops_on_request=True,
+        report=dpo.report,
+    ),
+    StageSpec(
         "evaluate",
         evaluate.run,
         evaluate.EvaluateConfig,
-        inputs=(BASE_MODEL, "sft", "rm", "ppo", "tokenize"),
+        inputs=(BASE_MODEL, "sft", "rm", "tokenize", *ALIGNMENT.inputs()),
         version=evaluate.VERSION,
         resources=StageResources(num_cpus=2.0),  # one process; torch uses this many threads
         report=evaluate.report,

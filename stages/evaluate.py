@@ -1,26 +1,30 @@
 """evaluate: the run's models measured side by side: the last node of the DAG, over every model stage.
 
-Models: `base` (pretrain), `sft`, `ppo`, and two built from sft by sampling: `best_of_n` (n sft answers, the one the
-reward model scores highest) and `sft_resample` (sft with another seed: the control, judged against sft it must
-win about half the time). The reward model (rm) is the judge.
+Models: `base` (pretrain), `sft`, every aligned model the run built (the alignment stages the `alignment` key
+chose: ppo, dpo; each an input under its stage's name), and two built from sft by sampling: `best_of_n` (n sft
+answers, the one the reward model scores highest) and `sft_resample` (sft with another seed: the control, judged
+against sft it must win about half the time). The reward model (rm) is the judge.
 
 What it measures, all written to `evaluation.json` (and the answers to `samples.jsonl`):
-- perplexity of base, sft and ppo on the held-out pretraining tokens (the tokenize artifact's validation split)
-  and on the held-out SFT answers (only the assistant tokens, as sft's loss);
+- perplexity of base, sft and each aligned model on the held-out pretraining tokens (the tokenize artifact's
+  validation split) and on the held-out SFT answers (only the assistant tokens, as sft's loss);
 - few-shot prompting: the base model (and the others, for contrast) on the built-in tasks of
   `gptline/data/fewshot.py`, zero-shot and k-shot, accuracy by log-likelihood against chance;
 - the reward model's accuracy on its held-out comparisons, beside the length-only baseline (longer answer wins);
 - answers to held-out prompts: the prompts of the rm's held-out comparisons, which no training stage saw (ppo's
-  default prompts are sft's held-out prompts, so those would flatter ppo). sft, ppo, best-of-n and the control
-  answer through the chat template; the base model is prompted as an assistant with a plain-text dialogue and
-  its answer is its first line;
+  default prompts are sft's held-out prompts, so those would flatter ppo; dpo holds out the same comparisons as
+  rm at the same seed and fraction). sft, the aligned models, best-of-n and the control answer through the chat
+  template; the base model is prompted as an assistant with a plain-text dialogue and its answer is its first line;
 - win rates judged by the reward model: for each prompt the answer with the higher reward wins (equal: a tie,
-  half a win); the rate with its standard error, for ppo vs sft, sft vs base, best-of-n vs sft, ppo vs base and
-  the control;
+  half a win); the rate with its standard error, for each aligned model vs sft and vs base, each aligned model
+  vs each other, sft vs base, best-of-n vs sft, and the control;
 - Elo ratings from the same judgments: a Bradley-Terry fit (Hunter's MM iterations, one virtual tie per pair as a
   prior so an unbeaten model stays finite), on the Elo scale, mean 1000;
 - entropy of each model's next-token distribution (temperature 1), at the first answer position and averaged over
-  its own answer's tokens, on the same prompts.
+  its own answer's tokens, on the same prompts; and each answering model's mean answer length in tokens.
+
+Each model's figures are keyed by its name (`perplexity`, `fewshot`, `entropy`, `answer_length`, ...), so a
+measure of its own (held-out accuracy on a verifiable set, say) is one more such table.
 """
 
 from __future__ import annotations
@@ -47,11 +51,12 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 1
+VERSION = 2
 EVALUATION = "evaluation.json"
 SAMPLES = "samples.jsonl"
-LANGUAGE_MODELS = ("base", "sft", "ppo")
-MATCHUPS = [("ppo", "sft"), ("sft", "base"), ("best_of_n", "sft"), ("ppo", "base"), ("sft_resample", "sft")]
+# The inputs that are not aligned models; every other input is one (an alignment stage's chat model).
+JUDGED_BY = ("pretrain", "sft", "rm", "tokenize")
+CONTROL = ("sft_resample", "sft")
 BASE_DIALOGUE = (
     "A conversation between a user and a helpful assistant.\n\n"
     "User: What is the capital of France?\nAssistant: The capital of France is Paris.\n\n"
@@ -79,6 +84,15 @@ class EvaluateConfig:
 
 
 # ---- judgments -------------------------------------------------------------------------------------------------
+def matchups(aligned: list[str]) -> list[tuple[str, str]]:
+    """(a, b) pairs judged: each aligned model against sft and base, and against each other; sft against base;
+    best-of-n against sft; the control last."""
+    against_sft = [(a, "sft") for a in aligned]
+    against_base = [(a, "base") for a in aligned]
+    between = [(a, b) for i, a in enumerate(aligned) for b in aligned[i + 1 :]]
+    return [*against_sft, *between, ("sft", "base"), ("best_of_n", "sft"), *against_base, CONTROL]
+
+
 def outcomes(rewards_a: np.ndarray, rewards_b: np.ndarray) -> np.ndarray:
     """Per prompt: 1 when a's answer has the higher reward, 0 when b's has, 0.5 for a tie."""
     return np.where(rewards_a > rewards_b, 1.0, np.where(rewards_a < rewards_b, 0.0, 0.5))
@@ -295,8 +309,9 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
                                                                                           flush=True))  # fmt: skip
     template = ChatTemplate(inputs["sft"])
     sp, pad, ids = template.tokenizer, template.ids["pad"], template.ids
-    models = {name: load(inputs[stage]).eval() for name, stage in zip(LANGUAGE_MODELS, ("pretrain", "sft", "ppo"),
-                                                                      strict=True)}  # fmt: skip
+    aligned = [name for name in inputs if name not in JUDGED_BY]
+    stages = {"base": "pretrain", "sft": "sft", **{name: name for name in aligned}}
+    models = {name: load(inputs[stage]).eval() for name, stage in stages.items()}
     context = models["sft"].cfg.max_seq_len
     judge = Judge(load(inputs["rm"]).eval(), template, cfg.batch_size)
 
@@ -322,15 +337,17 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
     chat_prompts = [template.prompt(p) for p in prompts]
     stop = [template.end_of_turn]
     texts: dict[str, list[str]] = {}
+    lengths: dict[str, list[int]] = {}
     entropy: dict[str, dict[str, float]] = {}
 
     def answer(name: str, model: str, encoded: list[list[int]], stop_ids: list[int], seed: int, decode) -> None:
         tokens, first, mean = sample_answers(models[model], encoded, cfg, stop_ids, pad, seed)
         texts[name] = [decode(t) for t in tokens]
+        lengths[name] = [len(t) for t in tokens]
         entropy.setdefault(model, {"first_token": float(np.nanmean(first)), "answer_tokens": float(np.nanmean(mean))})
 
-    answer("sft", "sft", chat_prompts, stop, cfg.seed, template.decode)
-    answer("ppo", "ppo", chat_prompts, stop, cfg.seed, template.decode)
+    for name in ("sft", *aligned):
+        answer(name, name, chat_prompts, stop, cfg.seed, template.decode)
     answer("sft_resample", "sft", chat_prompts, stop, cfg.seed + 1, template.decode)
     base_prompts = [base_dialogue_prompt(sp, p, ids["end_of_text"]) for p in prompts]
     answer("base", "base", base_prompts, [ids["end_of_text"]], cfg.seed,
@@ -342,16 +359,17 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
     candidate_rewards = np.stack([judge.rewards(prompts, c) for c in candidate_texts])
     best = candidate_rewards.argmax(0)
     texts["best_of_n"] = [candidate_texts[k][i] for i, k in enumerate(best)]
+    lengths["best_of_n"] = [len(candidates[k][i]) for i, k in enumerate(best)]
     rewards["best_of_n"] = candidate_rewards.max(0)
 
     games: list[tuple[str, str, float]] = []
-    matchups = []
-    for a, b in MATCHUPS:
+    judged = []
+    for a, b in matchups(aligned):
         results = outcomes(rewards[a], rewards[b])
         rate, stderr = win_rate(results)
-        matchups.append({"a": a, "b": b, "win_rate": rate, "stderr": stderr, "prompts": len(results),
-                         "ties": int((results == 0.5).sum())})  # fmt: skip
-        if a != "sft_resample":  # the control is a check of the judge, not a player
+        judged.append({"a": a, "b": b, "win_rate": rate, "stderr": stderr, "prompts": len(results),
+                       "ties": int((results == 0.5).sum())})  # fmt: skip
+        if (a, b) != CONTROL:  # the control is a check of the judge, not a player
             games += [(a, b, float(r)) for r in results]
     ratings = elo(games)
 
@@ -361,23 +379,26 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
         "perplexity": perplexities,
         "fewshot": few,
         "reward_model": rm_accuracy,
-        "matchups": matchups,
+        "aligned": aligned,
+        "matchups": judged,
         "elo": ratings,
         "entropy": entropy,
+        "answer_length": {n: float(np.mean(v)) for n, v in lengths.items()},
         "mean_reward": {n: float(r.mean()) for n, r in rewards.items()},
         "prompts": len(prompts),
         "best_of": cfg.best_of,
     }
     (out_dir / EVALUATION).write_text(json.dumps(evaluation, indent=2) + "\n")
     (out_dir / SAMPLES).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    for m in matchups:
+    for m in judged:
         say(f"{m['a']} vs {m['b']}: win rate {m['win_rate']:.2f} ± {m['stderr']:.2f} over {m['prompts']} prompts")
     return {
-        **{f"win_{m['a']}_vs_{m['b']}": m["win_rate"] for m in matchups},
+        **{f"win_{m['a']}_vs_{m['b']}": m["win_rate"] for m in judged},
         "rm_accuracy": rm_accuracy["accuracy"],
         **{f"elo_{name}": r for name, r in ratings.items()},
         **{f"ppl_{name}": p["pretraining_text"] for name, p in perplexities.items()},
         **{f"entropy_{name}": e["first_token"] for name, e in entropy.items()},
+        **{f"length_{name}": v for name, v in evaluation["answer_length"].items()},
         **{f"fewshot_{name}": float(np.mean([t[f"{cfg.shots}_shot"] for t in few[name].values()])) for name in few},
     }
 
@@ -388,7 +409,8 @@ def report(directory: Path) -> list[dict[str, Any]]:
     matchups = [f"{m['a']} vs {m['b']}" for m in e["matchups"]]
     players = sorted(e["elo"], key=e["elo"].get)
     samples = [json.loads(line) for line in (directory / SAMPLES).read_text().splitlines()[:8]]
-    shown = ["base", "sft", "best_of_n", "ppo"]
+    language_models = list(e["perplexity"])  # base, sft, then the aligned models
+    shown = ["base", "sft", "best_of_n", *e["aligned"]]
     return [
         {"kind": "bars", "title": f"win rate judged by the reward model ({e['prompts']} held-out prompts)",
          "categories": matchups, "series": {"win rate": [m["win_rate"] for m in e["matchups"]]}},
@@ -397,12 +419,12 @@ def report(directory: Path) -> list[dict[str, Any]]:
         {"kind": "table", "title": "win rates", "columns": ["model", "against", "win rate", "stderr", "ties",
                                                             "prompts"],
          "rows": [[m["a"], m["b"], m["win_rate"], m["stderr"], m["ties"], m["prompts"]] for m in e["matchups"]]},
-        {"kind": "table", "title": "perplexity, mean reward and entropy",
+        {"kind": "table", "title": "perplexity, mean reward, entropy and answer length",
          "columns": ["model", "ppl held-out text", "ppl sft answers", "mean reward", "entropy first token",
-                     "entropy answer tokens"],
+                     "entropy answer tokens", "answer tokens"],
          "rows": [[n, e["perplexity"][n]["pretraining_text"], e["perplexity"][n]["sft_answers"],
-                   e["mean_reward"][n], e["entropy"][n]["first_token"], e["entropy"][n]["answer_tokens"]]
-                  for n in LANGUAGE_MODELS]},
+                   e["mean_reward"][n], e["entropy"][n]["first_token"], e["entropy"][n]["answer_tokens"],
+                   e["answer_length"][n]] for n in language_models]},
         {"kind": "table", "title": "few-shot accuracy (log-likelihood of 4 choices; chance 0.25)",
          "columns": ["model", "task", *sorted(next(iter(next(iter(e["fewshot"].values())).values())))],
          "rows": [[n, task, *[scores[k] for k in sorted(scores)]] for n, tasks in e["fewshot"].items()

@@ -56,7 +56,9 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 4  # 4: WARCs byte-identical across runs (canonical host, fixed dates, record ids); no side-effect pages
+# 4: WARCs byte-identical across runs (canonical host, fixed dates, record ids); no side-effect pages; evals_choice
+# drops wrong options whose text is the correct one's (a pair of identical answers)
+VERSION = 4
 # pydoc imports a module to render its page, and these modules act when imported: antigravity opens a web browser,
 # this and __hello__ print, a package's __main__ runs its program.
 SIDE_EFFECT_PAGES = ("/antigravity.html", "/this.html", "/__hello__*", "/__phello__*", "/*__main__.html",
@@ -293,7 +295,8 @@ ANSWER = re.compile(r"^\s*\(?([A-Ea-e])\b")
 
 
 def multiple_choice(question: str, ideal: str) -> tuple[str, str, list[str]] | None:
-    """(stem, correct option, wrong options) of a question whose options are lines `A. ...`, `b) ...`, `C: ...`."""
+    """(stem, correct option, wrong options) of a question whose options are lines `A. ...`, `b) ...`, `C: ...`; an
+    option whose text repeats the correct one's is not a wrong one."""
     lines = question.splitlines()
     options = [(i, OPTION.match(line)) for i, line in enumerate(lines)]
     options = [(i, m.group(1).upper(), m.group(2)) for i, m in options if m]
@@ -305,7 +308,7 @@ def multiple_choice(question: str, ideal: str) -> tuple[str, str, list[str]] | N
     stem = "\n".join(lines[: options[0][0]]).strip().removesuffix("Answer:").strip()
     if correct not in texts or not stem or len(texts) != len(options):
         return None
-    return stem, texts[correct], [t for letter, t in texts.items() if letter != correct]
+    return stem, texts[correct], [t for letter, t in texts.items() if letter != correct and t != texts[correct]]
 
 
 def convert_evals_choice(members: list[tuple[str, bytes]], out: Path, archive: ArchiveConfig) -> int:

@@ -2,8 +2,8 @@
 
 The stage function reads the comparison files (`data`; pairs, K-way rankings and Anthropic HH transcripts, see
 `gptline/data/chat.py`), encodes each side as prompt + response + `<|reward|>` with the chat template, skips and
-counts comparisons longer than the context, and holds out a fraction by a hash of the prompt (the pairs of one
-ranking stay on one side). The encoded pairs go to `comparisons.npz`; the training library runs the recipe on the
+counts comparisons longer than the context, and holds out a fraction by a hash of the prompt (every pair of one
+prompt stays on one side). The encoded pairs go to `comparisons.npz`; the training library runs the recipe on the
 stage's workers with checkpoints, exact resume and the loss guard, as for every training stage.
 
 Loss: -log sigmoid(r_chosen - r_rejected), each pair weighted (1/C(K,2) for the pairs of a K-way ranking, 1 for a plain
@@ -26,8 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gptline.data.chat import ChatTemplate, Skipped, read_comparisons
-from gptline.data.dedup import unit_hash
+from gptline.data.chat import ChatTemplate, Comparison, Skipped, read_comparisons, split_comparisons
 from gptline.data.formats import COMPARISONS, REWARD_STATS, load_ragged, save_ragged
 from gptline.model.export import export, load
 from gptline.model.gpt import ScalarModel, rewards_at, rewards_at_last
@@ -37,13 +36,14 @@ from gptline.training.driver import train
 from gptline.training.fit import Schedule
 from gptline.training.loaders import ExampleLoader, collate_packed_sequences, pad_rows
 from gptline.training.log import log_sections
+from gptline.training.preference import weighted_mean
 from gptline.training.supervised import SupervisedTask, to_device
 from gptline.training.worker import TrainedModel
 from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 2
+VERSION = 3
 SPLITS = ("train", "validation")
 COLUMNS = ("chosen", "rejected", "weight")
 
@@ -70,8 +70,7 @@ class RMConfig(TrainConfig):
 # ---- the objective -------------------------------------------------------------------------------------------
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """sum(w * -log sigmoid(r_chosen - r_rejected)) / sum(w); zero when the batch holds no pair."""
-    losses = -F.logsigmoid(chosen - rejected)
-    return (weight * losses).sum() / weight.sum().clamp(min=1e-12)
+    return weighted_mean(-F.logsigmoid(chosen - rejected), weight)
 
 
 def collate(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None], pad_id: int, reward_id: int,
@@ -93,22 +92,15 @@ def prepare(cfg: RMConfig, inputs: dict[str, Path], template: ChatTemplate, max_
     patterns = [p.format(**{k: str(v) for k, v in inputs.items()}) for p in cfg.data]
     skipped = Skipped()
     comparisons = read_comparisons(patterns, "rm.data", skipped)
-    kept, keys = [], []
-    for number, c in enumerate(comparisons):
+
+    def encode(number: int, c: Comparison):
         chosen, rejected = template.reward_input(c.prompt, c.chosen), template.reward_input(c.prompt, c.rejected)
         if max(len(chosen), len(rejected)) > max_len:
             skipped.add("longer_than_context", f"comparison {number} ({max(len(chosen), len(rejected))} > {max_len})")
-            continue
-        kept.append((chosen, rejected, np.array([c.weight])))
-        keys.append(f"{c.group}\0{json.dumps(c.prompt, sort_keys=True)}")
-    held_out = unit_hash(cfg.seed, "rm-split", keys) < cfg.validation_fraction
-    splits = {"train": [k for k, h in zip(kept, held_out, strict=True) if not h],
-              "validation": [k for k, h in zip(kept, held_out, strict=True) if h]}  # fmt: skip
-    if not splits["train"] or not splits["validation"]:
-        raise GptlineError(
-            f"rm.data: {len(kept)} usable comparisons in {patterns} ({dict(skipped.counts)} skipped); both the "
-            "training and the held-out split need at least one"
-        )
+            return None
+        return chosen, rejected, np.array([c.weight])
+
+    splits = split_comparisons(comparisons, encode, cfg.seed, cfg.validation_fraction, f"rm.data {patterns}", skipped)
     counts = {"comparisons": len(comparisons), "train_pairs": len(splits["train"]),
               "validation_pairs": len(splits["validation"]), "skipped": skipped.summary()}  # fmt: skip
     return splits, counts

@@ -30,7 +30,6 @@ from gptline.data.chat import ChatTemplate, Message, Skipped, read_conversations
 from gptline.data.dedup import unit_hash
 from gptline.data.formats import EXAMPLES, PROMPTS, load_ragged, save_ragged
 from gptline.model.export import export, load
-from gptline.model.generate import SamplingConfig, generate
 from gptline.model.gpt import GPT
 from gptline.model.lora import LoRAConfig, apply_lora, merge_lora
 from gptline.training.config import OptimConfig, TrainConfig, micro_batch
@@ -38,7 +37,7 @@ from gptline.training.driver import train
 from gptline.training.fit import Schedule
 from gptline.training.loaders import ExampleLoader, collate_examples, collate_packed_examples, pack_rows
 from gptline.training.log import log_sections
-from gptline.training.supervised import NextTokenTask, generating
+from gptline.training.supervised import NextTokenTask, answer_prompts, generating
 from gptline.training.worker import TrainedModel
 from pipeline.checks import at_least
 from pipeline.dag import StageContext
@@ -202,21 +201,7 @@ class SFTTask(NextTokenTask):
 
     def samples(self) -> list[str]:
         with generating(self.engine.module) as model:
-            return answer(model, self.template, self.prompts, self.cfg.sample_tokens, self.cfg.seed)
-
-
-def answer(model: GPT, template: ChatTemplate, prompts: list[list[Message]], max_new: int, seed: int) -> list[str]:
-    """Each prompt's last user turn and the model's answer to the conversation."""
-    if not prompts:
-        return []
-    encoded = [template.prompt(p) for p in prompts]
-    room = model.cfg.max_seq_len - max(len(e) for e in encoded)
-    if room < 1:
-        return []
-    sampling = SamplingConfig(max_new_tokens=min(max_new, room), temperature=0.7, top_k=40)
-    completions = generate(model, encoded, sampling, stop_ids=[template.end_of_turn], pad_id=template.ids["pad"],
-                           generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    return [f"{p[-1]['content']!r} -> {template.decode(c)!r}" for p, c in zip(prompts, completions, strict=True)]
+            return answer_prompts(model, self.template, self.prompts, self.cfg.sample_tokens, self.cfg.seed)
 
 
 def build_model(base: Path, lora: LoRAConfig) -> GPT:

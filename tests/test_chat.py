@@ -252,4 +252,5 @@ def test_multiple_choice_items_become_preference_pairs():
     assert fetch.multiple_choice("Pick one\n\na) red\nb) blue", "b) blue") == ("Pick one", "blue", ["red"])
     assert fetch.multiple_choice("Pick one\n A: red\n B: blue", "A")[1] == "red"
     assert fetch.multiple_choice("No options here", "A") is None
+    assert fetch.multiple_choice("Skew\nA. x/y\nB. x\nC. x/y", "A") == ("Skew", "x/y", ["x"])  # no identical pair
     assert fetch.multiple_choice("Pick\nA. red\nB. blue", "D") is None

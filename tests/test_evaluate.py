@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +108,48 @@ def test_bad_config_names_the_key():
     cfg = evaluate.EvaluateConfig()
     cfg.sampling.top_p = 2.0
     assert [k for k, _ in cfg.validate()] == ["sampling.top_p"]
+
+
+def test_evaluate_compares_every_aligned_model_present(template, tok, tmp_path):
+    """The stage end to end on tiny random models: with dpo alone, and with ppo and dpo, each aligned model is judged
+    against sft, base and the others, rated, and measured (perplexity, entropy, answer length)."""
+    import pyarrow as pa
+
+    from gptline.data.formats import COMPARISONS, EXAMPLES, save_ragged, write_ipc
+    from gptline.model.export import export
+    from pipeline.dag import StageContext
+
+    def model_dir(name: str, cls=GPT, seed: int = 0) -> Path:
+        export(tiny_model(template, cls, seed), tmp_path / name, tok, template.ids)
+        return tmp_path / name
+
+    questions = ["Who art thou?", "What is the hour?", "Where is the king?", "Why weep you?"]
+    inputs = {"pretrain": model_dir("base"), "sft": model_dir("sft", seed=1), "rm": model_dir("rm", ScalarModel),
+              "tokenize": tmp_path / "tokenize", "ppo": model_dir("ppo", seed=2), "dpo": model_dir("dpo", seed=3)}  # fmt: skip
+    encoded = [template.encode([{"role": "user", "content": q}, {"role": "assistant", "content": "A man."}])
+               for q in questions]  # fmt: skip
+    save_ragged(inputs["sft"] / EXAMPLES, {"validation_ids": [i for i, _ in encoded],
+                                           "validation_trained": [t.astype(np.int64) for _, t in encoded]})  # fmt: skip
+    pairs = [(template.reward_input([{"role": "user", "content": q}], "Yes."),
+              template.reward_input([{"role": "user", "content": q}], "No.")) for q in questions]  # fmt: skip
+    save_ragged(inputs["rm"] / COMPARISONS, {"validation_chosen": [c for c, _ in pairs],
+                                             "validation_rejected": [r for _, r in pairs]})  # fmt: skip
+    tokens = np.array(template.tokenizer.encode(" ".join(questions * 20)), dtype=np.uint16)
+    write_ipc(pa.table({"tokens": tokens}), inputs["tokenize"] / "validation" / "part-0.tokens.arrow")
+    cfg = evaluate.EvaluateConfig(num_prompts=4, best_of=2, shots=1, perplexity_tokens=256,
+                                  sampling=evaluate.SamplingConfig(max_new_tokens=8))  # fmt: skip
+    for aligned in (["dpo"], ["ppo", "dpo"]):
+        out = tmp_path / f"evaluate-{'-'.join(aligned)}"
+        out.mkdir()
+        present = {k: v for k, v in inputs.items() if k in evaluate.JUDGED_BY or k in aligned}
+        metrics = evaluate.run(cfg, present, out, StageContext("evaluate", quiet=True))
+        result = json.loads((out / evaluate.EVALUATION).read_text())
+        judged = [(m["a"], m["b"]) for m in result["matchups"]]
+        assert judged == evaluate.matchups(aligned) and result["aligned"] == aligned
+        assert all((a, "sft") in judged and (a, "base") in judged for a in aligned)
+        assert (("ppo", "dpo") in judged) == (len(aligned) == 2)
+        assert set(result["elo"]) == {"base", "sft", "best_of_n", *aligned}
+        assert set(result["perplexity"]) == set(result["entropy"]) == {"base", "sft", *aligned}
+        assert {"sft", "best_of_n", *aligned} <= set(result["answer_length"]) and metrics[f"length_{aligned[0]}"] > 0
+        assert not any(k.startswith("win_ppo") for k in metrics) or "ppo" in aligned
+        assert [s["kind"] for s in evaluate.report(out)][:2] == ["bars", "bars"]

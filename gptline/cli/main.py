@@ -71,7 +71,7 @@ class CommandSpec:
 
 
 MODEL_COMMANDS = [
-    CommandSpec("chat", "talk to a chat model (sft or ppo) in the terminal", chat.add_chat_arguments, chat.run_chat),
+    CommandSpec("chat", "talk to a chat model (sft, ppo, dpo) in the terminal", chat.add_chat_arguments, chat.run_chat),
     CommandSpec("sample", "continue a prompt with a base model (pretrain)", chat.add_sample_arguments, chat.run_sample),
     CommandSpec(
         "plan",

@@ -19,12 +19,13 @@ every assistant turn's content and its `<|end|>`, nothing of system or user turn
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -158,7 +159,7 @@ class Comparison:
     chosen: str
     rejected: str
     weight: float = 1.0
-    group: int = 0  # the record it came from: pairs of one ranking stay on one side of the held-out split
+    source: str = ""  # file:line of the record it came from
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -173,7 +174,7 @@ def hh_turns(transcript: str) -> list[Message]:
     return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2], strict=True)]
 
 
-def comparisons(record: dict[str, Any], group: int) -> list[Comparison]:
+def comparisons(record: dict[str, Any]) -> list[Comparison]:
     if "completions" in record or "ranking" in record:
         completions, ranking = record.get("completions"), record.get("ranking")
         if not isinstance(completions, list) or len(completions) < 2:
@@ -183,7 +184,7 @@ def comparisons(record: dict[str, Any], group: int) -> list[Comparison]:
             raise BadRecord("ranking_not_a_permutation")
         prompt = prompt_messages(record.get("prompt"), record.get("system"))
         pairs = list(combinations(ranking, 2))  # ranking is best first: each pair is (better, worse)
-        return [Comparison(prompt, texts[a], texts[b], 1.0 / len(pairs), group) for a, b in pairs]
+        return [Comparison(prompt, texts[a], texts[b], 1.0 / len(pairs)) for a, b in pairs]
     if "prompt" not in record and isinstance(record.get("chosen"), str) and HH_TURN.match(record["chosen"]):
         chosen, rejected = hh_turns(record["chosen"]), hh_turns(_text(record.get("rejected"), "rejected"))
         if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
@@ -192,20 +193,49 @@ def comparisons(record: dict[str, Any], group: int) -> list[Comparison]:
             raise BadRecord("empty_response")
         if len(chosen) < 2:
             raise BadRecord("no_prompt")
-        return [Comparison(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], 1.0, group)]
+        return [Comparison(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])]
     prompt = prompt_messages(record.get("prompt"), record.get("system"))
     chosen, rejected = _text(record.get("chosen"), "chosen"), _text(record.get("rejected"), "rejected")
-    return [Comparison(prompt, chosen, rejected, 1.0, group)]
+    return [Comparison(prompt, chosen, rejected)]
 
 
 def read_comparisons(patterns: list[str], key: str, skipped: Skipped) -> list[Comparison]:
     found: list[Comparison] = []
-    for group, (where, record) in enumerate(jsonl_records(patterns, key, skipped)):
+    for where, record in jsonl_records(patterns, key, skipped):
         try:
-            found += comparisons(record, group)
+            found += [dataclasses.replace(c, source=where) for c in comparisons(record)]
         except BadRecord as bad:
             skipped.add(str(bad), where)
     return found
+
+
+# The held-out split's hash salt, one for rm and dpo: at the same seed and fraction both hold out the same prompts
+# (those evaluate asks the models, which then no training stage saw).
+COMPARISON_SPLIT = "comparison-split"
+
+
+def split_comparisons(found: list[Comparison], encode: Callable[[int, Comparison], Any], seed: int,
+                      fraction: float, what: str, skipped: Skipped) -> dict[str, list[Any]]:  # fmt: skip
+    """The comparisons encoded by `encode(number, comparison)` (None: skipped, the reason added to `skipped`) and
+    split into "train" and "validation" by a hash of the prompt, so every pair of one prompt (a ranking's, or the
+    pairs of one multiple-choice question written one per line) stays on one side, and the split never depends on
+    order. `what` names the data in the error when a side is empty."""
+    from gptline.data.dedup import unit_hash
+    from pipeline.errors import GptlineError
+
+    kept, keys = [], []
+    for number, c in enumerate(found):
+        item = encode(number, c)
+        if item is not None:
+            kept.append(item)
+            keys.append(json.dumps(c.prompt, sort_keys=True))
+    held_out = unit_hash(seed, COMPARISON_SPLIT, keys) < fraction
+    splits = {"train": [k for k, h in zip(kept, held_out, strict=True) if not h],
+              "validation": [k for k, h in zip(kept, held_out, strict=True) if h]}  # fmt: skip
+    if not splits["train"] or not splits["validation"]:
+        raise GptlineError(f"{what}: {len(kept)} usable comparisons ({dict(skipped.counts)} skipped); both the "
+                           "training and the held-out split need at least one")  # fmt: skip
+    return splits
 
 
 # ---- the template ------------------------------------------------------------------------------------------------

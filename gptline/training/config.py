@@ -1,6 +1,6 @@
 """The knobs every training stage shares: optimizer and schedule, DeepSpeed, the loss guard, and the loop's cadence.
 
-A stage's config extends `TrainConfig` (pretrain, sft, rm) or holds these pieces itself (ppo); the YAML under
+A stage's config extends `TrainConfig` (pretrain, sft, rm, dpo) or holds these pieces itself (ppo); the YAML under
 `conf/` only overrides them where a stage's default differs.
 """
 
@@ -68,7 +68,7 @@ class GuardConfig:
 
 @dataclass
 class TrainConfig:
-    """The knobs every loss-based training stage has (pretrain, sft, rm); a stage's config extends this one."""
+    """The knobs every loss-based training stage has (pretrain, sft, rm, dpo); a stage's config extends this one."""
 
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

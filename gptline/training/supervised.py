@@ -1,11 +1,11 @@
-"""Tasks whose step is a loss over batches (pretrain, sft, rm): gradient accumulation behind a loss guard.
+"""Tasks whose step is a loss over batches (pretrain, sft, rm, dpo): gradient accumulation behind a loss guard.
 
 `SupervisedTask.step` runs `grad_accum` micro-batches of the stage's `loss(batch)`. Each micro-batch's loss (its
 mean over ranks, so every rank decides alike) is judged by the `LossGuard` before its backward pass: a non-finite
 loss, or a spike beyond `z_score` deviations over the window of accepted losses, is never applied and the next batch
 takes its place; `max_consecutive` bad ones in a row raise `RollBack` (fit restores the last checkpoint and the data
 moves on). `NextTokenTask` adds what pretrain and sft share: next-token loss on (inputs, targets[, segments]) rows
-and the held-out loss.
+and the held-out loss. `answer_prompts` samples a chat model's answers to held-out prompts.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from gptline.model.gpt import IGNORE_INDEX
+from gptline.data.chat import ChatTemplate, Message
+from gptline.model.generate import SamplingConfig, generate
+from gptline.model.gpt import GPT, IGNORE_INDEX
 from gptline.training.collectives import all_reduce_sum, mean_over_ranks
 from gptline.training.config import GuardConfig
 from gptline.training.fit import RollBack
@@ -79,6 +81,21 @@ def generating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             yield model
     finally:
         model.train()
+
+
+def answer_prompts(model: GPT, template: ChatTemplate, prompts: list[list[Message]], max_new: int,
+                   seed: int) -> list[str]:  # fmt: skip
+    """Each prompt's last user turn and the model's sampled answer to the conversation (a chat stage's samples)."""
+    if not prompts:
+        return []
+    encoded = [template.prompt(p) for p in prompts]
+    room = model.cfg.max_seq_len - max(len(e) for e in encoded)
+    if room < 1:
+        return []
+    sampling = SamplingConfig(max_new_tokens=min(max_new, room), temperature=0.7, top_k=40)
+    completions = generate(model, encoded, sampling, stop_ids=[template.end_of_turn], pad_id=template.ids["pad"],
+                           generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return [f"{p[-1]['content']!r} -> {template.decode(c)!r}" for p, c in zip(prompts, completions, strict=True)]
 
 
 class SupervisedTask:
