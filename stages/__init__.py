@@ -11,12 +11,17 @@ start from that.
 """
 
 from pipeline.dag import InputChoice, StageResources, StageSpec
-from stages import crawl_mix, evaluate, fetch, import_hf, ppo, pretrain, rm, sft, tokenize, tokenizer
+from stages import crawl_mix, evaluate, fetch, grpo, import_hf, ppo, pretrain, rm, sft, tokenize, tokenizer
 
 IMPORTED = {"base_model.source": "hf"}
 TOKENIZER = InputChoice("tokenizer", "tokenizer", ((IMPORTED, "import"),))
 BASE_MODEL = InputChoice("pretrain", "pretrain", (({**IMPORTED, "base_model.continue_pretraining": False}, "import"),))
 CONTINUED = InputChoice("base_model", None, (({**IMPORTED, "base_model.continue_pretraining": True}, "import"),))
+# grpo reads the reward model only when it is its reward.
+GRPO_RM = InputChoice("rm", None, (({"grpo.reward": "model"}, "rm"),))
+# grpo is opt-in (`--until grpo`): evaluate takes it only when a run selects it as its alignment, so it is no end of
+# the graph that a plain run builds.
+GRPO = InputChoice("grpo", None, (({"alignment": "grpo"}, "grpo"),))
 
 REGISTRY: list[StageSpec] = [
     StageSpec("fetch", fetch.run, fetch.FetchConfig, version=fetch.VERSION),
@@ -102,10 +107,21 @@ REGISTRY: list[StageSpec] = [
         report=ppo.report,
     ),
     StageSpec(
+        "grpo",
+        grpo.run,
+        grpo.GRPOConfig,
+        inputs=("sft", "fetch", GRPO_RM),
+        version=grpo.VERSION,
+        resources=StageResources(num_workers=2, cpus_per_worker=1.0),
+        starts_workers=True,
+        stops_on_request=True,
+        report=grpo.report,
+    ),
+    StageSpec(
         "evaluate",
         evaluate.run,
         evaluate.EvaluateConfig,
-        inputs=(BASE_MODEL, "sft", "rm", "ppo", "tokenize"),
+        inputs=(BASE_MODEL, "sft", "rm", "ppo", "tokenize", GRPO),
         version=evaluate.VERSION,
         resources=StageResources(num_cpus=2.0),  # one process; torch uses this many threads
         report=evaluate.report,
