@@ -57,7 +57,7 @@ import yaml
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from gptline.data.verifiable import arithmetic_tasks, canonical, final_answer
+from gptline.data.verifiable import OPERATIONS, arithmetic_tasks, canonical, final_answer
 from pipeline.artifacts import NAME_RE, sha256_file
 from pipeline.checks import at_least
 from pipeline.dag import StageContext
@@ -112,11 +112,14 @@ class ArithmeticConfig:
     train: int = 1000  # problems to train on; 0 with held_out 0: no set
     held_out: int = 200
     max_operand: int = 20
+    operations: str = "+-*"
     seed: int = 0
 
     def validate(self) -> list[tuple[str, str]]:
         problems = at_least(self, 0, "train", "held_out", "max_operand")
-        distinct = 3 * (self.max_operand + 1) ** 2
+        if not self.operations or set(self.operations) - set(OPERATIONS):
+            problems.append(("operations", f"must be some of {''.join(OPERATIONS)}, got {self.operations!r}"))
+        distinct = len(set(self.operations)) * (self.max_operand + 1) ** 2
         if self.train + self.held_out > distinct:
             problems.append(("train", f"train + held_out must be at most the {distinct} distinct problems"))
         return problems
@@ -345,7 +348,7 @@ def convert_evals_answer(members: list[tuple[str, bytes]], out: Path, archive: A
 
 
 def write_arithmetic(cfg: ArithmeticConfig, out: Path) -> int:
-    train, held_out = arithmetic_tasks(cfg.train, cfg.held_out, cfg.max_operand, cfg.seed)
+    train, held_out = arithmetic_tasks(cfg.train, cfg.held_out, cfg.max_operand, cfg.operations, cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     for name, records in (("train", train), ("held_out", held_out)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -338,8 +338,9 @@ class GRPOTask:
         def reward(texts: list[str], references: list[str | None]) -> list[float]:
             return call_reward(self.frozen.function, texts, references, "grpo.reward").tolist()
 
+        greedy = SamplingConfig(max_new_tokens=self.cfg.sampling.max_new_tokens, temperature=0.0)
         with generating(self.policy.module) as model:
-            mean = held_out_reward(model, self.template, self.held_out, reward, self.cfg.sampling.max_new_tokens)
+            mean = held_out_reward(model, self.template, self.held_out, reward, greedy)
         total, count = sum_over_ranks([mean * len(self.held_out), float(len(self.held_out))])
         return {"val_reward": total / count} if count else {}
 

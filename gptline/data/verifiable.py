@@ -78,10 +78,10 @@ def read_tasks(patterns: list[str], key: str, skipped: Skipped) -> list[tuple[st
     return found
 
 
-def arithmetic_tasks(count: int, held_out: int, max_operand: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) records of distinct problems `a op b` with 0 <= a, b <= max_operand and op one of + - *;
-    the two splits share no problem."""
-    problems = [(a, op, b) for a in range(max_operand + 1) for op in OPERATIONS for b in range(max_operand + 1)]
+def arithmetic_tasks(count: int, held_out: int, max_operand: int, operations: str, seed: int):
+    """(train, held-out) records of distinct problems `a op b` with 0 <= a, b <= max_operand and op one of
+    `operations` (of + - *); the two splits share no problem."""
+    problems = [(a, op, b) for a in range(max_operand + 1) for op in operations for b in range(max_operand + 1)]
     if count + held_out > len(problems):
         raise ValueError(f"{count} + {held_out} problems asked, only {len(problems)} distinct ones exist")
     random.Random(seed).shuffle(problems)
@@ -96,18 +96,20 @@ def arithmetic_tasks(count: int, held_out: int, max_operand: int, seed: int) -> 
 # ---- held-out accuracy ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def held_out_reward(model, template, tasks: list[tuple[list[int], str | None]], reward: Callable,
-                    max_new_tokens: int, batch_size: int = 32) -> float:  # fmt: skip
-    """The mean reward of greedy answers to `tasks` ((prompt ids, reference) pairs); 0 for no tasks."""
+                    sampling: SamplingConfig, samples: int = 1, seed: int = 0, batch_size: int = 64) -> float:  # fmt: skip
+    """The mean reward of answers to `tasks` ((prompt ids, reference) pairs): `samples` answers to each, drawn with
+    `sampling` (greedy at temperature 0) from a generator seeded with `seed`; 0 for no tasks."""
     if not tasks:
         return 0.0
     was_training = model.training
     model.eval()
-    greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    repeated = [task for task in tasks for _ in range(samples)]
     total = 0.0
-    for lo in range(0, len(tasks), batch_size):
-        chunk = tasks[lo : lo + batch_size]
-        answers = generate(model, [p for p, _ in chunk], greedy, stop_ids=[template.end_of_turn],
-                           pad_id=template.ids["pad"])  # fmt: skip
+    for lo in range(0, len(repeated), batch_size):
+        chunk = repeated[lo : lo + batch_size]
+        answers = generate(model, [p for p, _ in chunk], sampling, stop_ids=[template.end_of_turn],
+                           pad_id=template.ids["pad"], generator=generator)  # fmt: skip
         total += sum(reward([template.decode(a) for a in answers], [r for _, r in chunk]))
     model.train(was_training)
-    return total / len(tasks)
+    return total / len(repeated)
