@@ -158,8 +158,8 @@ RUN = {"iterations": 12, "rollout_batch": 8, "group_size": 8, "minibatch": 32, "
        "optim": {"lr": 2e-3}}  # fmt: skip
 
 
-# 48 iterations of 64 answers, two updates each, at a learning rate that moves the policy steadily
-LEARN = {"iterations": 48, "eval_every": 48, "checkpoint_every": 48, "optim": {"lr": 1e-4}}
+# 64 iterations of 64 answers, two updates each, at a learning rate that moves the policy steadily
+LEARN = {"iterations": 64, "eval_every": 64, "checkpoint_every": 64, "optim": {"lr": 1e-4}}
 
 
 def run_grpo(inputs, out: Path, workers: int = 2, **overrides) -> dict:
@@ -176,7 +176,7 @@ def curve(out: Path, key: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def arithmetic(tmp_path_factory) -> dict[str, Path]:
-    return build_arithmetic_sft(tmp_path_factory.mktemp("grpo-inputs"), sft_steps=150)
+    return build_arithmetic_sft(tmp_path_factory.mktemp("grpo-inputs"), sft_steps=300)
 
 
 def wrong_count(texts: list[str], references: list[str | None]) -> list[float]:
@@ -186,7 +186,7 @@ def wrong_count(texts: list[str], references: list[str | None]) -> list[float]:
 def test_bad_input_fails_before_training(arithmetic, tmp_path):
     with pytest.raises(ConfigError, match="grpo.group_size"):
         run_grpo(arithmetic, tmp_path / "a", group_size=1)
-    with pytest.raises(GptlineError, match="returned 9 scores for 8 answers"):
+    with pytest.raises(GptlineError, match=r"the reward function returned (\d+) scores for (?!\1)\d+ answers"):
         run_grpo(arithmetic, tmp_path / "b", reward="tests.test_grpo:wrong_count")
     with pytest.raises(GptlineError, match=r"grpo.prompts: .*train.jsonl:1: a prompt of \d+ tokens leaves no room"):
         run_grpo(arithmetic, tmp_path / "c", sampling={"max_new_tokens": 30})
@@ -225,3 +225,38 @@ def test_resume_after_a_checkpoint_reproduces_the_uninterrupted_run(arithmetic, 
         assert len(a) == len(b) == 6 and a == b, key
     wa, wb = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("straight", "resumed"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_grpo_is_opt_in_and_reads_the_reward_model_only_as_its_reward():
+    from pipeline.config import compose_config
+    from pipeline.dag import DAG, load_registry
+
+    specs = load_registry("stages:REGISTRY")
+    dag = DAG(specs)
+    default = compose_config(specs, [])
+    assert "grpo" not in dag.select(config=default)  # a plain run does not build it
+    assert dag.select(until=["grpo"], config=default)[-2:] == ["sft", "grpo"]
+    assert "rm" not in dag.select(until=["grpo"], config=default)
+    assert dag.specs["grpo"].slots(default) == {"sft": "sft", "fetch": "fetch"}
+    with_rm = compose_config(specs, ["grpo.reward=model"])
+    assert dag.specs["grpo"].slots(with_rm) == {"sft": "sft", "fetch": "fetch", "rm": "rm"}
+
+
+def test_fetch_keeps_the_evals_samples_with_one_number_as_the_answer(tmp_path):
+    from stages import fetch
+
+    samples = [
+        {"input": [{"role": "system", "content": "Answer in brackets."}, {"role": "user", "content": "2 + 2?"}],
+         "ideal": "[4.0000]"},
+        {"input": [{"role": "user", "content": "LCM of 36 and 54?"}], "ideal": ["[108]", "[108.0]"]},
+        {"input": [{"role": "user", "content": "Capital of France?"}], "ideal": "[Paris]"},
+    ]  # fmt: skip
+    data = "\n".join(json.dumps(s) for s in samples).encode()
+    archive = fetch.ArchiveConfig(package="evals", version="1", filename="x.whl", sha256="0" * 64,
+                                  convert="evals_answer")  # fmt: skip
+    assert fetch.convert_evals_answer([("samples.jsonl", data)], tmp_path, archive) == 2
+    records = [json.loads(line) for line in (tmp_path / "tasks.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in records] == ["4.0000", "108"]
+    assert records[0]["messages"][0] == {"role": "system", "content": "Answer in brackets."}
+    count = fetch.write_arithmetic(fetch.ArithmeticConfig(train=30, held_out=10, max_operand=5), tmp_path / "a")
+    assert count == 40 and len((tmp_path / "a" / "held_out.jsonl").read_text().splitlines()) == 10
