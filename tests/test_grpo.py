@@ -128,6 +128,8 @@ def build_arithmetic_sft(tmp: Path, sft_steps: int) -> dict[str, Path]:
     examples = [template.encode([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}])
                 for r in train]  # fmt: skip
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this small a model only waits for a second thread, and on a busy machine for long
     model = GPT(ModelConfig(**SFT_MODEL, vocab_size=meta["vocab_size"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     order = np.random.default_rng(0)
@@ -138,6 +140,7 @@ def build_arithmetic_sft(tmp: Path, sft_steps: int) -> dict[str, Path]:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    torch.set_num_threads(threads)
     export(model.eval(), tmp / "sft", tok, meta["special_ids"])
     return {"sft": tmp / "sft", "fetch": tmp / "fetch"}
 
