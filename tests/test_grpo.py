@@ -182,20 +182,26 @@ def arithmetic(tmp_path_factory) -> dict[str, Path]:
     return build_arithmetic_sft(tmp_path_factory.mktemp("grpo-inputs"), sft_steps=300)
 
 
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory) -> dict[str, Path]:
+    """The same inputs with an untrained model: what the checks before training need, in seconds."""
+    return build_arithmetic_sft(tmp_path_factory.mktemp("grpo-untrained"), sft_steps=0)
+
+
 def wrong_count(texts: list[str], references: list[str | None]) -> list[float]:
     return [0.0] * (len(texts) + 1)
 
 
-def test_bad_input_fails_before_training(arithmetic, tmp_path):
+def test_bad_input_fails_before_training(untrained, tmp_path):
     with pytest.raises(ConfigError, match="grpo.group_size"):
-        run_grpo(arithmetic, tmp_path / "a", group_size=1)
+        run_grpo(untrained, tmp_path / "a", group_size=1)
     with pytest.raises(GptlineError, match=r"the reward function returned (\d+) scores for (?!\1)\d+ answers"):
-        run_grpo(arithmetic, tmp_path / "b", reward="tests.test_grpo:wrong_count")
+        run_grpo(untrained, tmp_path / "b", reward="tests.test_grpo:wrong_count")
     with pytest.raises(GptlineError, match=r"grpo.prompts: .*train.jsonl:1: a prompt of \d+ tokens leaves no room"):
-        run_grpo(arithmetic, tmp_path / "c", sampling={"max_new_tokens": 30})
+        run_grpo(untrained, tmp_path / "c", sampling={"max_new_tokens": 30})
     (tmp_path / "bare.jsonl").write_text('{"prompt": "What is 1 + 1?"}\n' * 8)
     with pytest.raises(GptlineError, match="fails on the prompts' records: exact_answer needs"):
-        run_grpo(arithmetic, tmp_path / "d", prompts=[str(tmp_path / "bare.jsonl")])
+        run_grpo(untrained, tmp_path / "d", prompts=[str(tmp_path / "bare.jsonl")])
 
 
 @pytest.mark.slow
