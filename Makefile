@@ -44,11 +44,12 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# TRL 1.12.0 (the last release with PPOTrainer) for `python -m bench.ppo` only, kept out of the project's venv.
+# TRL 1.12.0 (the last release with PPOTrainer; it has GRPOTrainer too) for `python -m bench.ppo` and `bench.grpo`
+# only, kept out of the project's venv. GRPOTrainer imports its vLLM client, which needs requests.
 bench-venv:
 	test -x .venv-trl/bin/python || $(PYTHON) -m venv .venv-trl
 	.venv-trl/bin/pip install -q torch==2.13.0
-	.venv-trl/bin/pip install -q trl==1.12.0
+	.venv-trl/bin/pip install -q trl==1.12.0 requests==2.32.3
 
 # Headless Chromium for the report's screenshot tests: Debian's package (root or sudo). Without it those tests skip,
 # unless GPTLINE_REQUIRE_CHROMIUM is set (CI sets it).

@@ -35,6 +35,7 @@ import torch
 from gptline.model.export import export, load
 from gptline.model.generate import SamplingConfig, generate
 from gptline.model.gpt import GPT, ModelConfig, ScalarModel
+from gptline.training import rl
 from gptline.training.config import DeepSpeedConfig
 from gptline.training.engine import init_deepspeed
 from stages import ppo
@@ -74,7 +75,7 @@ def our_iteration(sft: Path, rm: Path, prompts: list[list[int]], args) -> Callab
                         deepspeed=DeepSpeedConfig(zero_stage=args.zero_stage))  # fmt: skip
     policy, _ = init_deepspeed(load(sft), cfg.policy_optim, cfg.deepspeed, args.minibatch, 1)
     value, _ = init_deepspeed(load(rm), cfg.value_optim, cfg.deepspeed, args.minibatch, 1)
-    frozen = ppo.FrozenModels(str(sft), str(rm), "model", True)
+    frozen = rl.FrozenModels(str(sft), str(rm), "model", True)
 
     def iteration(i: int) -> float:
         start = time.perf_counter()

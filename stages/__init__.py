@@ -14,15 +14,17 @@ The key `alignment` picks the alignment stages on the sft model (ppo by default;
 """
 
 from pipeline.dag import InputChoice, StageChoice, StageResources, StageSpec
-from stages import crawl_mix, dpo, evaluate, fetch, import_hf, ppo, pretrain, rm, sft, tokenize, tokenizer
+from stages import crawl_mix, dpo, evaluate, fetch, grpo, import_hf, ppo, pretrain, rm, sft, tokenize, tokenizer
 
 IMPORTED = {"base_model.source": "hf"}
 TOKENIZER = InputChoice("tokenizer", "tokenizer", ((IMPORTED, "import"),))
 BASE_MODEL = InputChoice("pretrain", "pretrain", (({**IMPORTED, "base_model.continue_pretraining": False}, "import"),))
 CONTINUED = InputChoice("base_model", None, (({**IMPORTED, "base_model.continue_pretraining": True}, "import"),))
-# The alignment stages, alternatives on the same sft model: `alignment=dpo`, `alignment=[ppo,dpo]`; evaluate
+# The alignment stages, alternatives on the same sft model: `alignment=dpo`, `alignment=[ppo,dpo,grpo]`; evaluate
 # compares every one chosen. A new one is a name here (and its StageSpec below).
-ALIGNMENT = StageChoice("alignment", ("ppo", "dpo"), default=("ppo",))
+ALIGNMENT = StageChoice("alignment", ("ppo", "dpo", "grpo"), default=("ppo",))
+# grpo reads the reward model only when it is its reward.
+GRPO_RM = InputChoice("rm", None, (({"grpo.reward": "model"}, "rm"),))
 
 REGISTRY: list[StageSpec] = [
     StageSpec("fetch", fetch.run, fetch.FetchConfig, version=fetch.VERSION),
@@ -117,6 +119,17 @@ REGISTRY: list[StageSpec] = [
         starts_workers=True,
         stops_on_request=True,
         report=dpo.report,
+    ),
+    StageSpec(
+        "grpo",
+        grpo.run,
+        grpo.GRPOConfig,
+        inputs=("sft", "fetch", GRPO_RM),
+        version=grpo.VERSION,
+        resources=StageResources(num_workers=2, cpus_per_worker=1.0),
+        starts_workers=True,
+        stops_on_request=True,
+        report=grpo.report,
     ),
     StageSpec(
         "evaluate",

@@ -12,7 +12,12 @@ converted into the plain formats crawl-mix reads:
 - `evals_chat`: chat-format samples of OpenAI's `evals` registry (system and user turns, the `ideal` answer) as
   transcripts, keeping answers of at least `min_words` words;
 - `evals_choice`: multiple-choice samples of the `evals` registry as preference pairs for rm: the question stem as
-  the prompt, the correct option's text as chosen and each wrong option's text as rejected.
+  the prompt, the correct option's text as chosen and each wrong option's text as rejected;
+- `evals_answer`: samples of the `evals` registry whose ideal answer is one number (`[1440]`, `[4.0000]`) as task
+  records for grpo and evaluate: the system and user turns, and the number as `answer`.
+
+`arithmetic` adds a generated set of the same task records: distinct problems `a op b` (+, -, *), split into
+`arithmetic/train.jsonl` and a held-out `arithmetic/held_out.jsonl` that share no problem.
 
 The web part is a real crawl: `python -m pydoc` serves documentation for the standard library on a local port,
 and a breadth-first crawler (seed URLs, robots.txt, same host only, page and depth limits, a delay between
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import dataclasses
 import fnmatch
 import io
 import json
@@ -43,6 +49,7 @@ import zipfile
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from html.parser import HTMLParser
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -51,19 +58,21 @@ import yaml
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
+from gptline.data.verifiable import OPERATIONS, arithmetic_tasks, canonical, final_answer
 from pipeline.artifacts import NAME_RE, sha256_file
 from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
 # 4: WARCs byte-identical across runs (canonical host, fixed dates, record ids); no side-effect pages; evals_choice
-# drops wrong options whose text is the correct one's (a pair of identical answers)
+# drops wrong options whose text is the correct one's (a pair of identical answers); evals_answer (one checkable
+# number per question) and a generated arithmetic set for verifiable rewards
 VERSION = 4
 # pydoc imports a module to render its page, and these modules act when imported: antigravity opens a web browser,
 # this and __hello__ print, a package's __main__ runs its program.
 SIDE_EFFECT_PAGES = ("/antigravity.html", "/this.html", "/__hello__*", "/__phello__*", "/*__main__.html",
                      "/idlelib.idle.html")  # fmt: skip
-CONVERTERS = ("mediawiki", "files", "chatterbot", "chatterbot_chat", "evals_chat", "evals_choice")
+CONVERTERS = ("mediawiki", "files", "chatterbot", "chatterbot_chat", "evals_chat", "evals_choice", "evals_answer")
 
 
 @dataclass
@@ -116,9 +125,28 @@ class CrawlConfig:
 
 
 @dataclass
+class ArithmeticConfig:
+    train: int = 1000  # problems to train on; 0 with held_out 0: no set
+    held_out: int = 200
+    max_operand: int = 20
+    operations: str = "+-*"
+    seed: int = 0
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = at_least(self, 0, "train", "held_out", "max_operand")
+        if not self.operations or set(self.operations) - set(OPERATIONS):
+            problems.append(("operations", f"must be some of {''.join(OPERATIONS)}, got {self.operations!r}"))
+        distinct = len(set(self.operations)) * (self.max_operand + 1) ** 2
+        if self.train + self.held_out > distinct:
+            problems.append(("train", f"train + held_out must be at most the {distinct} distinct problems"))
+        return problems
+
+
+@dataclass
 class FetchConfig:
     archives: dict[str, ArchiveConfig] = field(default_factory=dict)
     crawl: CrawlConfig = field(default_factory=CrawlConfig)
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     cache_dir: str = "~/.cache/gptline/downloads"
 
     def validate(self) -> list[tuple[str, str]]:
@@ -328,6 +356,28 @@ def convert_evals_choice(members: list[tuple[str, bytes]], out: Path, archive: A
     return written
 
 
+def convert_evals_answer(members: list[tuple[str, bytes]], out: Path, archive: ArchiveConfig) -> int:
+    """Samples whose ideal answer is a single number, as task records with that number as the answer."""
+    written = 0
+    with open(out / "tasks.jsonl", "w") as f:
+        for _, data in members:
+            for messages, ideal in _evals_samples(data):
+                answer = final_answer(ideal)
+                if answer is None or not isinstance(canonical(answer), Decimal):
+                    continue
+                f.write(json.dumps({"messages": messages, "answer": answer}, ensure_ascii=False) + "\n")
+                written += 1
+    return written
+
+
+def write_arithmetic(cfg: ArithmeticConfig, out: Path) -> int:
+    train, held_out = arithmetic_tasks(cfg.train, cfg.held_out, cfg.max_operand, cfg.operations, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, records in (("train", train), ("held_out", held_out)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return len(train) + len(held_out)
+
+
 # ---- the crawler ----------------------------------------------------------------------------------------------
 class _Links(HTMLParser):
     def __init__(self) -> None:
@@ -516,7 +566,7 @@ def run(cfg: FetchConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageCont
     manifest: dict[str, Any] = {"archives": {}, "crawl": None}
     converters = {"mediawiki": convert_mediawiki, "files": convert_files, "chatterbot": convert_chatterbot,
                   "chatterbot_chat": convert_chatterbot_chat, "evals_chat": convert_evals_chat,
-                  "evals_choice": convert_evals_choice}  # fmt: skip
+                  "evals_choice": convert_evals_choice, "evals_answer": convert_evals_answer}  # fmt: skip
     for name, archive in cfg.archives.items():
         path = download(archive, cache, name)
         members = archive_members(path, archive.members)
@@ -538,6 +588,9 @@ def run(cfg: FetchConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageCont
         }
         if not ctx.quiet:
             print(f"[fetch] {name}: {archive.filename} -> {documents} documents", flush=True)
+    if cfg.arithmetic.train or cfg.arithmetic.held_out:
+        metrics["arithmetic_problems"] = write_arithmetic(cfg.arithmetic, out_dir / "arithmetic")
+        manifest["arithmetic"] = {"generated": True, **dataclasses.asdict(cfg.arithmetic)}
     if cfg.crawl.enabled:
         (out_dir / "web").mkdir(exist_ok=True)
         counts = crawl_pydoc(cfg.crawl, out_dir / "web")

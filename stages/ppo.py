@@ -12,7 +12,8 @@ One iteration, on every worker of a Ray Train group (its share of `rollout_batch
    ratios start from are taken from the logits that sampled each token (no second forward pass);
 2. score: the reward model reads prompt + answer + `<|reward|>` (an answer cut off by the length limit gets
    `<|end|>` appended there and `missing_end_penalty` subtracted), normalized by the RM artifact's held-out mean and
-   std; or a programmatic reward `module:function(texts) -> scores` behind the same interface (tests, ablations);
+   std; or a programmatic reward `module:function(texts, references) -> scores` behind the same interface (tests,
+   ablations; the sampler, log-probs, KL and rewards are gptline.training.rl's, shared with grpo);
 3. per-token rewards: -beta * KL(policy || reference) at every answer token (estimator k1 = log p - log p_ref or
    k3 = (r - 1) - log r with r = p_ref / p) plus the score at the last one; beta fixed or adapted toward a
    target KL (Ziegler et al.'s proportional controller);
@@ -27,10 +28,8 @@ controller) every `checkpoint_every` iterations give exact resume; the artifact 
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,16 +38,27 @@ import numpy as np
 import torch
 
 from gptline.data.chat import ChatTemplate, Skipped, read_prompts
-from gptline.data.formats import REWARD_STATS
 from gptline.model.export import export, load
-from gptline.model.generate import SamplingConfig, generate, temperature_scaled
-from gptline.model.gpt import GPT, ScalarModel, rewards_at_last
+from gptline.model.generate import SamplingConfig
+from gptline.model.gpt import GPT, ScalarModel
 from gptline.training.collectives import sum_over_ranks
 from gptline.training.config import DeepSpeedConfig, OptimConfig
 from gptline.training.driver import train
 from gptline.training.fit import Schedule
-from gptline.training.loaders import ExampleLoader, PackedLoader, TokenStream, collate_packed_sequences
+from gptline.training.loaders import ExampleLoader, PackedLoader, TokenStream
 from gptline.training.log import log_sections
+from gptline.training.rl import (
+    KL_ESTIMATORS,
+    FrozenModels,
+    forward_logprobs,
+    kl_terms,
+    masked_mean,
+    policy_loss,
+    reward_function,
+    sample_answers,
+    token_rewards,
+    whiten,
+)
 from gptline.training.worker import TrainedModel
 from pipeline.checks import at_least
 from pipeline.dag import StageContext
@@ -56,7 +66,6 @@ from pipeline.errors import GptlineError
 from pipeline.versioning import unversioned
 
 VERSION = 2
-KL_ESTIMATORS = ("k1", "k3")
 PLACEMENTS = ("colocated", "separate")
 
 
@@ -134,29 +143,6 @@ class PPOConfig:
 
 
 # ---- the algorithm -------------------------------------------------------------------------------------------
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool = False):
-    """log p(token) under the sampling distribution (logits at t-1 predict token t; the caller aligns them), and
-    with `with_entropy` the entropy of each position's distribution, from the same log-softmax."""
-    logp = temperature_scaled(logits, temperature).log_softmax(-1)
-    picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return (picked, -(logp.exp() * logp).sum(-1)) if with_entropy else picked
-
-
-def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(policy || reference) estimates on the sampled tokens (Schulman, "Approximating KL")."""
-    if estimator == "k1":
-        return logp - ref_logp
-    log_ratio = ref_logp - logp  # r = p_ref / p
-    return log_ratio.exp() - 1 - log_ratio
-
-
-def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """-beta * KL at every answer token, plus the sequence score at the last one."""
-    rewards = -beta * kl * mask
-    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
-    return rewards + last * score[:, None]
-
-
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalized advantage estimation over each row's answer tokens (mask 1), value 0 after the last one.
     Returns (advantages, returns = advantages + values)."""
@@ -168,28 +154,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         running = (delta + gamma * lam * running) * mask[:, t]
         advantages[:, t] = running
     return advantages, (advantages + values) * mask
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
-def policy_loss(logp, old_logp, advantages, mask, clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate; with the fraction of clipped tokens and the approximate KL(old || new)."""
-    log_ratio = logp - old_logp
-    ratio = log_ratio.exp()
-    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    # Figures, not losses: no autograd graph behind them.
-    stats = {"policy_clipfrac": masked_mean((clipped > unclipped).float(), mask),
-             "approx_kl": masked_mean((ratio - 1 - log_ratio).detach(), mask)}  # fmt: skip
-    return loss, stats
 
 
 def value_loss(values, old_values, returns, mask, clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -216,49 +180,6 @@ def apply_missing_end_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty
     return scores - penalty * (~ended).float()
 
 
-# ---- rewards --------------------------------------------------------------------------------------------------
-RewardFunction = Callable[[list[str]], list[float]]
-
-
-def reward_function(path: str) -> RewardFunction:
-    module, _, name = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise GptlineError(f"ppo.reward={path!r}: cannot import it ({e})") from None
-
-
-class FrozenModels:
-    """The reference model's log-probs and the reward for answers: the two models PPO never trains. Runs in the
-    training worker (colocated) or as a Ray actor of its own (separate)."""
-
-    def __init__(self, sft: str, rm: str, reward: str, normalize: bool, threads: int | None = None):
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.reference = load(Path(sft)).eval().requires_grad_(False).to(self.device)
-        self.template = ChatTemplate(Path(sft))
-        self.function = None if reward == "model" else reward_function(reward)
-        if self.function is None:
-            self.reward_model = load(Path(rm)).eval().requires_grad_(False).to(self.device)
-            stats = json.loads((Path(rm) / REWARD_STATS).read_text())
-            self.mean, self.std = (stats["mean"], max(stats["std"], 1e-6)) if normalize else (0.0, 1.0)
-
-    @torch.no_grad()
-    def reference_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor, start: int, temperature: float):
-        return forward_logprobs(self.reference, tokens.to(self.device), mask.to(self.device), start, temperature).cpu()
-
-    @torch.no_grad()
-    def scores(self, prompts: list[list[int]], answers: list[list[int]], texts: list[str]) -> torch.Tensor:
-        if self.function is not None:
-            return torch.tensor(self.function(texts), dtype=torch.float32)
-        end, reward = self.template.end_of_turn, self.template.ids["reward"]
-        rows = [np.array([*p, *[t for t in a if t != end], end, reward]) for p, a in zip(prompts, answers, strict=True)]
-        packed = collate_packed_sequences(rows, self.template.ids["pad"], self.reward_model.cfg.max_seq_len)
-        raw = rewards_at_last(self.reward_model, *(torch.from_numpy(a).to(self.device) for a in packed)).cpu()
-        return (raw - self.mean) / self.std
-
-
 class RemoteFrozenModels:
     """The same calls, answered by a Ray actor with its own resources."""
 
@@ -266,7 +187,7 @@ class RemoteFrozenModels:
         import ray
 
         actor = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)(FrozenModels)
-        self.actor = actor.remote(*args, max(1, int(resources.num_cpus)))
+        self.actor = actor.remote(*args, max(1, int(resources.num_cpus)), "ppo.reward")
         self.template = ChatTemplate(Path(args[0]))
 
     def reference_logprobs(self, *args):
@@ -287,7 +208,7 @@ def run(cfg: PPOConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContex
         if value % world:
             raise GptlineError(f"ppo.{key}={value} is not divisible by {world} workers")
     if cfg.reward != "model":
-        reward_function(cfg.reward)  # fails here, before workers start, when it cannot be imported
+        reward_function(cfg.reward, "ppo.reward")  # fails here, before workers start, when it cannot be imported
     template = ChatTemplate(inputs["sft"])
     skipped = Skipped()
     patterns = [p.format(**{k: str(v) for k, v in inputs.items()}) for p in cfg.prompts]
@@ -312,23 +233,6 @@ def run(cfg: PPOConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContex
     schedule = Schedule(cfg.iterations, 0, 1, cfg.checkpoint_every, cfg.keep_checkpoints)
     final = train("ppo", recipe, schedule, cfg.deepspeed, cfg.seed, ctx, out_dir)
     return {**final, "prompts": len(fitting)}
-
-
-def answer_batch(prompts: list[list[int]], answers: list[list[int]], pad: int):
-    """(tokens, mask, start, answer_mask) for prompts left-padded to P and answers right-padded to R."""
-    width, length = max(len(p) for p in prompts), max(1, max(len(a) for a in answers))
-    tokens = torch.full((len(prompts), width + length), pad, dtype=torch.long)
-    mask = torch.zeros_like(tokens)
-    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-        tokens[i, width - len(p) : width], mask[i, width - len(p) : width] = torch.tensor(p), 1
-        tokens[i, width : width + len(a)], mask[i, width : width + len(a)] = torch.tensor(a, dtype=torch.long), 1
-    return tokens, mask, width, mask[:, width:].float()
-
-
-def forward_logprobs(model, tokens, mask, start: int, temperature: float, with_entropy: bool = False):
-    """log p of each answer token under `model` (and the entropy of each answer position's distribution)."""
-    logits, _ = model(tokens, attention_mask=mask, logits_from=start - 1)
-    return token_logprobs(logits[:, :-1], tokens[:, start:], temperature, with_entropy)
 
 
 def forward_values(model, tokens: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
@@ -361,25 +265,11 @@ def rollout(policy: GPT, value: ScalarModel, frozen, prompts: list[list[int]], c
             generator: torch.Generator) -> Experience:  # fmt: skip
     """Steps 1-4: sample answers, score them, per-token rewards with the KL penalty, advantages and returns."""
     template = frozen.template
-    pad, end = template.ids["pad"], template.end_of_turn
-    policy.eval()
-    temperature = cfg.sampling.temperature
-    steps: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def record(token: torch.Tensor, logits: torch.Tensor) -> None:
-        # The log-prob of each sampled token under the sampling policy, from the logits that sampled it (no
-        # second forward pass; tokens after a row's stop are masked out below)
-        steps.append(token_logprobs(logits, token, temperature, with_entropy=True))
-
-    answers = generate(policy, prompts, cfg.sampling, stop_ids=[end], pad_id=pad, generator=generator,
-                       on_step=record)  # fmt: skip
-    policy.train()
-    device = policy.lm_head.weight.device
-    tokens, mask, start, answer_mask = answer_batch(prompts, answers, pad)
-    tokens, mask, answer_mask = tokens.to(device), mask.to(device), answer_mask.to(device)
-    logp, token_entropy = (torch.stack(column, dim=1).float() * answer_mask for column in zip(*steps, strict=True))
+    samples = sample_answers(policy, prompts, cfg.sampling, template.end_of_turn, template.ids["pad"], generator)
+    answers, tokens, mask, start = samples.answers, samples.tokens, samples.mask, samples.start
+    answer_mask, logp, token_entropy, ended = samples.answer_mask, samples.logprobs, samples.entropy, samples.ended
+    device = answer_mask.device
     texts = [template.decode(a) for a in answers]
-    ended = torch.tensor([bool(a) and a[-1] == end for a in answers], device=device)
     raw_scores = frozen.scores(prompts, answers, texts).to(device)
     scores = apply_missing_end_penalty(raw_scores, ended, cfg.missing_end_penalty)
     ref_logp = frozen.reference_logprobs(tokens, mask, start, cfg.sampling.temperature).to(device)
@@ -485,7 +375,7 @@ class PPOTask:
         self.policy, self.value, self.rank, self.world = policy, value, rank, world
         self.template = ChatTemplate(Path(recipe.sft))
         frozen_args = (recipe.sft, recipe.rm, cfg.reward, cfg.normalize_reward)
-        self.frozen = (FrozenModels(*frozen_args) if cfg.placement == "colocated"
+        self.frozen = (FrozenModels(*frozen_args, key="ppo.reward") if cfg.placement == "colocated"
                        else RemoteFrozenModels(cfg.frozen_resources, *frozen_args))  # fmt: skip
         self.prompts = ExampleLoader([self.template.prompt(p) for p in recipe.prompts], list,
                                      cfg.rollout_batch // world, rank, world, cfg.seed, what="prompts",

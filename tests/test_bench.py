@@ -42,3 +42,7 @@ def test_model_benches_run_at_a_tiny_shape(tmp_path):
                 "4", "--minibatch", "2", "--new-tokens", "8", "--repeats", "1", "--iterations", "1", "--trl-python",
                 str(tmp_path / "no-trl"))  # fmt: skip
     assert "with the KV cache" in out and "one PPO iteration, ours:" in out
+    out = bench("grpo", "--dim", "64", "--layers", "1", "--heads", "2", "--vocab", "512", "--prompt", "8", "--batch",
+                "2", "--group", "4", "--minibatch", "4", "--new-tokens", "8", "--iterations", "1", "--trl-python",
+                str(tmp_path / "no-trl"))  # fmt: skip
+    assert "machine: " in out and "one GRPO iteration, ours:" in out

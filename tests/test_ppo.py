@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from gptline.model.export import export
 from gptline.model.gpt import GPT, ModelConfig, ScalarModel
+from gptline.training import rl
 from pipeline.config import typed
 from pipeline.dag import StageContext, StageResources
 from pipeline.errors import GptlineError
@@ -39,13 +40,13 @@ def test_gae_matches_a_hand_computation():
 
 def test_kl_estimators_and_per_token_rewards():
     logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
-    assert ppo.kl_terms(logp, ref, "k1").tolist() == pytest.approx([0.5, -1.0])
+    assert rl.kl_terms(logp, ref, "k1").tolist() == pytest.approx([0.5, -1.0])
     r = torch.exp(ref - logp)
-    assert ppo.kl_terms(logp, ref, "k3").tolist() == pytest.approx((r - 1 - torch.log(r)).tolist())
-    assert (ppo.kl_terms(logp, ref, "k3") >= 0).all()  # k3 is never negative, unlike k1
+    assert rl.kl_terms(logp, ref, "k3").tolist() == pytest.approx((r - 1 - torch.log(r)).tolist())
+    assert (rl.kl_terms(logp, ref, "k3") >= 0).all()  # k3 is never negative, unlike k1
     kl = torch.tensor([[0.1, 0.2, 0.3, 0.0], [0.5, 0.5, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    rewards = ppo.token_rewards(torch.tensor([2.0, -1.0]), kl, mask, beta=0.5)
+    rewards = rl.token_rewards(torch.tensor([2.0, -1.0]), kl, mask, beta=0.5)
     expected = torch.tensor([[-0.05, -0.1, -0.15 + 2.0, 0.0], [-0.25, -0.25 - 1.0, 0.0, 0.0]])
     assert torch.allclose(rewards, expected)
 
@@ -55,7 +56,7 @@ def test_policy_ratio_and_value_clipping():
     new = torch.log(torch.tensor([1.5, 0.5, 1.1, 1.5]))
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
     mask = torch.ones(4)
-    loss, stats = ppo.policy_loss(new, old, advantages, mask, clip=0.2)
+    loss, stats = rl.policy_loss(new, old, advantages, mask, clip=0.2)
     # ratio 1.5, A>0: clipped to 1.2; ratio 0.5, A<0: clipped to 0.8 (pessimistic max of -A*r terms);
     # ratio 1.1: inside; ratio 1.5, A<0: the unclipped -A*r = 1.5 is the larger, kept.
     expected = [-1.2, 0.8, -1.1, 1.5]
@@ -73,7 +74,7 @@ def test_policy_ratio_and_value_clipping():
 def test_whitening_is_masked():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    white = ppo.whiten(x, mask)
+    white = rl.whiten(x, mask)
     real = white[mask.bool()]
     assert float(real.mean()) == pytest.approx(0.0, abs=1e-6) and float(real.std(unbiased=False)) == pytest.approx(1.0)
     assert float(white[0, 3]) == 0.0
@@ -93,7 +94,7 @@ def test_missing_end_of_turn_penalty_and_kl_controller():
 
 
 def test_answer_batch_aligns_prompts_left_and_answers_right():
-    tokens, mask, start, answer_mask = ppo.answer_batch([[5, 6, 7], [8]], [[9, 2], [10, 11, 2]], pad=0)
+    tokens, mask, start, answer_mask = rl.answer_batch([[5, 6, 7], [8]], [[9, 2], [10, 11, 2]], pad=0)
     assert start == 3
     assert tokens.tolist() == [[5, 6, 7, 9, 2, 0], [0, 0, 8, 10, 11, 2]]
     assert mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]

@@ -50,7 +50,7 @@ from pipeline.tune import load_spec, tune
 
 DEFAULT_REGISTRY = "stages:REGISTRY"
 # Config keys whose values decide which code runs (besides the registry): checked by resume against the record.
-CODE_KEYS = ("cluster.runtime_env", "ppo.reward")
+CODE_KEYS = ("cluster.runtime_env", "ppo.reward", "grpo.reward")
 GC_MIN_AGE_S = 3600.0  # a partial directory younger than this may belong to a build that just started
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Never uploaded with a submitted job: environments, stores, caches, VCS data.
