@@ -39,7 +39,7 @@ from gptline.data.formats import load_ragged, save_ragged
 from gptline.model.export import export, load
 from gptline.model.gpt import IGNORE_INDEX
 from gptline.training.collectives import all_reduce_sum, barrier
-from gptline.training.config import TrainConfig, micro_batch
+from gptline.training.config import OptimConfig, TrainConfig, micro_batch
 from gptline.training.driver import train
 from gptline.training.fit import Schedule
 from gptline.training.loaders import ExampleLoader, pack_rows, training_row
@@ -67,6 +67,7 @@ class DPOConfig(TrainConfig):
     max_len: int = 0  # tokens per sequence (prompt and answer); 0: the model's context
     loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
     num_samples: int = 4  # held-out prompts answered at every sample_every
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0))
 
     def validate(self) -> list[tuple[str, str]]:
         problems = super().validate() + at_least(self, 0, "max_len", "num_samples")

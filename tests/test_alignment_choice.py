@@ -28,8 +28,8 @@ def test_alignment_picks_the_stages_built_and_evaluated(override, chosen):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("alignment=grpo", "'alignment': unknown choice 'grpo'; choose from ppo, dpo"),
-    ("alignment=[dpo,3]", "'alignment': must be one of ppo, dpo or a list of them"),
+    ("alignment=rlhf", "'alignment': unknown choice 'rlhf'; choose from ppo, dpo, grpo"),
+    ("alignment=[dpo,3]", "'alignment': must be one of ppo, dpo, grpo or a list of them"),
 ])  # fmt: skip
 def test_an_unknown_alignment_is_refused_by_key(override, message):
     with pytest.raises(ConfigError, match=message):

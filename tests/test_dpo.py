@@ -20,6 +20,7 @@ from pipeline.config import DEFAULT_CONFIG_DIR, typed
 from pipeline.dag import StageContext, StageResources
 from pipeline.errors import GptlineError
 from stages import dpo, fetch
+from tests.identical import assert_identical_artifacts
 from tests.test_tokenizer import train_tokenizer
 
 MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 256, "multiple_of": 32}
@@ -124,6 +125,22 @@ def test_dpo_raises_held_out_implicit_reward_accuracy_above_chance_over_three_se
         assert final["val_kl"] > 0
         above.append(final["val_accuracy"] > bar)
     assert all(above), above
+
+
+# Every unversioned field of dpo's config, changed at once (tests/test_versioning.py checks the list).
+UNVERSIONED_CHANGES = {"eval_every": 1, "eval_batches": 1, "sample_every": 1, "sample_tokens": 3, "keep_checkpoints": 1}
+
+
+def test_dpo_unversioned_fields_leave_the_artifact_unchanged(comparisons, tmp_path, ray_session):
+    model = chat_model(tmp_path, comparisons["tokenizer"], seed=0)
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (comparisons["data"] / "pairs.jsonl").read_text().splitlines()
+    (data / "pairs.jsonl").write_text("\n".join(lines[:80]) + "\n")
+    base = {"steps": 4, "checkpoint_every": 2, "batch_size": 8}
+    run_dpo({"sft": model, "fetch": data}, tmp_path / "a", **base)
+    run_dpo({"sft": model, "fetch": data}, tmp_path / "b", **base, **UNVERSIONED_CHANGES)
+    assert_identical_artifacts(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.slow

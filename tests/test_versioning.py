@@ -10,7 +10,7 @@ from pipeline.config import compose_config
 from pipeline.dag import DAG
 from pipeline.versioning import split, unversioned_fields
 from stages import REGISTRY
-from tests import test_ppo, test_pretrain, test_sft_rm_stages
+from tests import test_dpo, test_ppo, test_pretrain, test_sft_rm_stages
 from tests.conftest import CONFIG_DIR
 
 TRAINING = ["--registry", "tests.training_stage:REGISTRY", "--config-dir", CONFIG_DIR]
@@ -18,13 +18,14 @@ TRAINING = ["--registry", "tests.training_stage:REGISTRY", "--config-dir", CONFI
 
 def versions(overrides: list[str]) -> dict[str, str]:
     config = compose_config(REGISTRY, overrides)
-    return DAG(REGISTRY).versions({s.key: config[s.key] for s in REGISTRY})
+    return DAG(REGISTRY).versions({**{s.key: config[s.key] for s in REGISTRY}, "alignment": config["alignment"]})
 
 
 def test_every_unversioned_field_is_proven_by_a_run_of_its_stage_both_ways():
     """Each marked field must appear in the changes its stage's identity test makes (test_*_unversioned_*)."""
     proven = {"pretrain": test_pretrain.UNVERSIONED_CHANGES, "sft": test_sft_rm_stages.SFT_CHANGES,
-              "rm": test_sft_rm_stages.RM_CHANGES, "ppo": test_ppo.UNVERSIONED_CHANGES}  # fmt: skip
+              "rm": test_sft_rm_stages.RM_CHANGES, "ppo": test_ppo.UNVERSIONED_CHANGES,
+              "dpo": test_dpo.UNVERSIONED_CHANGES}  # fmt: skip
     marked = {s.name: set(unversioned_fields(s.config_class)) for s in REGISTRY}
     assert {stage: fields for stage, fields in marked.items() if fields} == {s: set(c) for s, c in proven.items()}
 
