@@ -257,9 +257,9 @@ def sites():
 
 def test_the_crawl_stays_on_its_site_bounds_bodies_times_out_robots_and_skips_side_effect_pages(sites, tmp_path):
     site, other = sites
-    cfg = fetch.CrawlConfig(timeout_s=1.0, max_body_bytes=1000)
+    cfg = fetch.CrawlConfig(timeout_s=1.0, max_body_bytes=1000, seeds=["/"])
     start = time.time()
-    counts = fetch.crawl(f"http://127.0.0.1:{site.server_port}/", cfg, tmp_path)
+    counts = fetch.crawl(f"http://127.0.0.1:{site.server_port}/", cfg, tmp_path, fetch.CANONICAL_HOST)
     assert time.time() - start < 4.5  # robots.txt waited for timeout_s, not for its 5 s
     assert other.requests == []  # neither the link to the other host nor the redirect there was followed
     assert "/this.html" not in site.requests and counts["excluded"] == 1
@@ -270,5 +270,10 @@ def test_the_crawl_stays_on_its_site_bounds_bodies_times_out_robots_and_skips_si
         f"http://127.0.0.1:{other.server_port}/",
     ):
         with pytest.raises(GptlineError, match=r"fetch\.crawl\.seeds\[0\]"):
-            fetch.crawl(f"http://127.0.0.1:{site.server_port}/", dataclasses.replace(cfg, seeds=[seed]), tmp_path)
+            fetch.crawl(
+                f"http://127.0.0.1:{site.server_port}/",
+                dataclasses.replace(cfg, seeds=[seed]),
+                tmp_path,
+                fetch.CANONICAL_HOST,
+            )
     assert [key for key, _ in fetch.CrawlConfig(seeds=["file:///etc/passwd"]).validate()] == ["seeds[0]"]
