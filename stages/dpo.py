@@ -24,7 +24,6 @@ trained one). Samples answer held-out prompts. The export is a chat model like s
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from gptline.data.formats import load_ragged, save_ragged
 from gptline.model.export import export, load
 from gptline.model.gpt import IGNORE_INDEX
 from gptline.training.collectives import all_reduce_sum, barrier
-from gptline.training.config import OptimConfig, TrainConfig, micro_batch
+from gptline.training.config import OptimConfig, TrainConfig, epoch_steps, micro_batch
 from gptline.training.driver import train
 from gptline.training.fit import Schedule
 from gptline.training.loaders import ExampleLoader, pack_rows, training_row
@@ -171,9 +170,7 @@ def run(cfg: DPOConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContex
         raise GptlineError(f"dpo.max_len={cfg.max_len} is longer than the SFT model's context of {context}")
     max_len = cfg.max_len or context
     splits, counts, held_out_prompts = prepare(cfg, inputs, ChatTemplate(inputs["sft"]), max_len)
-    if len(splits["train"]) < cfg.batch_size:
-        raise GptlineError(f"dpo: {len(splits['train'])} training pairs cannot fill dpo.batch_size={cfg.batch_size}")
-    total_steps = cfg.steps or math.ceil(cfg.epochs * math.ceil(len(splits["train"]) / cfg.batch_size))
+    total_steps = epoch_steps("dpo", cfg, len(splits["train"]), "pairs")
     save_ragged(out_dir / PAIRS, {f"{split}_{column}": [p[i] for p in pairs] for split, pairs in splits.items()
                                   for i, column in enumerate(COLUMNS)})  # fmt: skip
     (out_dir / "data.json").write_text(json.dumps(counts, indent=2) + "\n")

@@ -31,7 +31,7 @@ from gptline.data.formats import COMPARISONS, REWARD_STATS, load_ragged, save_ra
 from gptline.model.export import export, load
 from gptline.model.gpt import ScalarModel, rewards_at, rewards_at_last
 from gptline.training.collectives import all_reduce_sum
-from gptline.training.config import OptimConfig, TrainConfig, micro_batch
+from gptline.training.config import OptimConfig, TrainConfig, epoch_steps, micro_batch
 from gptline.training.driver import train
 from gptline.training.fit import Schedule
 from gptline.training.loaders import ExampleLoader, collate_packed_sequences, pad_rows
@@ -112,9 +112,7 @@ def run(cfg: RMConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContext
     if cfg.max_len > context:
         raise GptlineError(f"rm.max_len={cfg.max_len} is longer than the SFT model's context of {context}")
     splits, counts = prepare(cfg, inputs, ChatTemplate(inputs["sft"]), cfg.max_len or context)
-    if len(splits["train"]) < cfg.batch_size:
-        raise GptlineError(f"rm: {len(splits['train'])} training pairs cannot fill rm.batch_size={cfg.batch_size}")
-    total_steps = cfg.steps or math.ceil(cfg.epochs * math.ceil(len(splits["train"]) / cfg.batch_size))
+    total_steps = epoch_steps("rm", cfg, len(splits["train"]), "pairs")
     save_ragged(out_dir / COMPARISONS, {f"{split}_{column}": [p[i] for p in pairs] for split, pairs in splits.items()
                                         for i, column in enumerate(COLUMNS)})  # fmt: skip
     (out_dir / "data.json").write_text(json.dumps(counts, indent=2) + "\n")

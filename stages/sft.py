@@ -18,7 +18,6 @@ and is merged into the weights on export, so the artifact is a plain Llama check
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from gptline.data.formats import EXAMPLES, PROMPTS, load_ragged, save_ragged
 from gptline.model.export import export, load
 from gptline.model.gpt import GPT
 from gptline.model.lora import LoRAConfig, apply_lora, merge_lora
-from gptline.training.config import OptimConfig, TrainConfig, micro_batch
+from gptline.training.config import OptimConfig, TrainConfig, epoch_steps, micro_batch
 from gptline.training.driver import train
 from gptline.training.fit import Schedule
 from gptline.training.loaders import ExampleLoader, collate_examples, collate_packed_examples, pack_rows
@@ -123,10 +122,7 @@ def run(cfg: SFTConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContex
     if cfg.max_len > context:
         raise GptlineError(f"sft.max_len={cfg.max_len} is longer than the pretrained model's context of {context}")
     splits, counts, held_out_prompts = prepare(cfg, inputs, cfg.max_len or context)
-    steps_per_epoch = math.ceil(len(splits["train"]) / cfg.batch_size)
-    if len(splits["train"]) < cfg.batch_size:
-        raise GptlineError(f"sft: {len(splits['train'])} training examples cannot fill sft.batch_size={cfg.batch_size}")
-    total_steps = cfg.steps or math.ceil(cfg.epochs * steps_per_epoch)
+    total_steps = epoch_steps("sft", cfg, len(splits["train"]), "examples")
     save_ragged(out_dir / EXAMPLES, {f"{split}_{column}": [e[i] for e in examples] for split, examples in splits.items()
                                      for i, column in enumerate(("ids", "trained"))})  # fmt: skip
     capacity = cfg.max_len or context

@@ -6,6 +6,7 @@ A stage's config extends `TrainConfig` (pretrain, sft, rm, dpo) or holds these p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from pipeline.checks import at_least
@@ -101,3 +102,11 @@ def micro_batch(stage: str, cfg: TrainConfig, world: int) -> int:
             f"{stage}.batch_size={cfg.batch_size} is not divisible by {world} workers x grad_accum={cfg.grad_accum}"
         )
     return cfg.batch_size // per_step
+
+
+def epoch_steps(stage: str, cfg: TrainConfig, examples: int, noun: str) -> int:
+    """Optimizer steps of an epoch-based stage (its config has `steps` and `epochs`): `steps` when set, else
+    `epochs` passes over the `examples`. Fewer than one batch holds are an error naming the stage's `batch_size`."""
+    if examples < cfg.batch_size:
+        raise GptlineError(f"{stage}: {examples} training {noun} cannot fill {stage}.batch_size={cfg.batch_size}")
+    return cfg.steps or math.ceil(cfg.epochs * math.ceil(examples / cfg.batch_size))
