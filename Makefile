@@ -26,11 +26,11 @@ run: $(STAMP)
 	@echo "(or: $(BIN)/gptline chat sft; $(BIN)/gptline sample pretrain \"Once upon\")"
 
 test: $(STAMP) chromium
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # Fault injection and longer end-to-end runs (CI runs these too).
 test-slow: $(STAMP) chromium
-	$(BIN)/pytest -q -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/pytest -q -m slow --durations=25; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests collected"; exit 0; fi; exit $$rc
 
 # bf16, NCCL, SDPA's flash path and the KV-cache sampler on CUDA; every test skips where there is no GPU.
 test-gpu: $(STAMP)

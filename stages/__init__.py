@@ -135,7 +135,7 @@ REGISTRY: list[StageSpec] = [
         "evaluate",
         evaluate.run,
         evaluate.EvaluateConfig,
-        inputs=(BASE_MODEL, "sft", "rm", "tokenize", *ALIGNMENT.inputs()),
+        inputs=(BASE_MODEL, "sft", "rm", "tokenize", "fetch", *ALIGNMENT.inputs()),
         version=evaluate.VERSION,
         resources=StageResources(num_cpus=2.0),  # one process; torch uses this many threads
         report=evaluate.report,

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from gptline.data.chat import ChatTemplate, Comparison, Message, Skipped, read_comparisons, split_comparisons
 from gptline.data.formats import load_ragged, save_ragged
+from gptline.data.readers import MAX_LINE_BYTES
 from gptline.model.export import export, load
 from gptline.model.gpt import IGNORE_INDEX
 from gptline.training.collectives import all_reduce_sum, barrier
@@ -60,6 +61,7 @@ REFERENCE = "reference_logps.npz"  # the reference's summed log-probabilities of
 @dataclass
 class DPOConfig(TrainConfig):
     data: list[str] = field(default_factory=lambda: ["{fetch}/preferences_*/*.jsonl"])
+    max_line_bytes: int = MAX_LINE_BYTES  # a longer JSONL line is skipped and counted, never read whole
     validation_fraction: float = 0.1
     steps: int = 0  # 0: set by epochs
     epochs: float = 1.0
@@ -69,7 +71,9 @@ class DPOConfig(TrainConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0))
 
     def validate(self) -> list[tuple[str, str]]:
-        problems = super().validate() + at_least(self, 0, "max_len", "num_samples")
+        problems = (
+            super().validate() + at_least(self, 0, "max_len", "num_samples") + at_least(self, 1, "max_line_bytes")
+        )
         problems += [(f"loss.{key}", message) for key, message in self.loss.validate()]
         if not 0 < self.validation_fraction < 1:
             problems.append(("validation_fraction", f"must be in (0, 1), got {self.validation_fraction}"))
@@ -95,7 +99,7 @@ def prepare(cfg: DPOConfig, inputs: dict[str, Path], template: ChatTemplate, max
     """Read, check, encode and split the comparisons: (splits, counts, held-out prompts)."""
     patterns = [p.format(**{k: str(v) for k, v in inputs.items()}) for p in cfg.data]
     skipped = Skipped()
-    comparisons = read_comparisons(patterns, "dpo.data", skipped)
+    comparisons = read_comparisons(patterns, "dpo.data", skipped, cfg.max_line_bytes)
     for c in comparisons:
         if c.chosen == c.rejected:
             raise GptlineError(f"dpo.data: {c.source}: the chosen and the rejected answer are the same text "

@@ -21,10 +21,13 @@ What it measures, all written to `evaluation.json` (and the answers to `samples.
 - Elo ratings from the same judgments: a Bradley-Terry fit (Hunter's MM iterations, one virtual tie per pair as a
   prior so an unbeaten model stays finite), on the Elo scale, mean 1000;
 - entropy of each model's next-token distribution (temperature 1), at the first answer position and averaged over
-  its own answer's tokens, on the same prompts; and each answering model's mean answer length in tokens.
+  its own answer's tokens, on the same prompts; and each answering model's mean answer length in tokens;
+- held-out accuracy on the verifiable sets (tasks with one checkable answer, from the fetch artifact: the generated
+  arithmetic set's held-out split, which grpo never trains on, and the evals registry's math sets): sft and each
+  aligned model answer greedily through the chat template, scored by the exact-answer reward. A set whose files
+  the fetch config did not produce (`fetch=none`) is left out with a note naming its key.
 
-Each model's figures are keyed by its name (`perplexity`, `fewshot`, `entropy`, `answer_length`, ...), so a
-measure of its own (held-out accuracy on a verifiable set, say) is one more such table.
+Each model's figures are keyed by its name (`perplexity`, `fewshot`, `entropy`, `answer_length`, `verifiable`).
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ import torch
 import torch.nn.functional as F
 
 from gptline.data import fewshot
-from gptline.data.chat import ChatTemplate, Message
+from gptline.data.chat import ChatTemplate, Message, Skipped
 from gptline.data.formats import COMPARISONS, EXAMPLES, load_ragged
+from gptline.data.readers import MAX_LINE_BYTES
+from gptline.data.verifiable import exact_answer, held_out_reward, read_tasks
 from gptline.model.export import load
 from gptline.model.generate import SamplingConfig, generate
 from gptline.model.gpt import GPT, IGNORE_INDEX, ScalarModel, rewards_at
@@ -51,17 +56,29 @@ from pipeline.checks import at_least
 from pipeline.dag import StageContext
 from pipeline.errors import GptlineError
 
-VERSION = 2
+VERSION = 3
 EVALUATION = "evaluation.json"
 SAMPLES = "samples.jsonl"
 # The inputs that are not aligned models; every other input is one (an alignment stage's chat model).
-JUDGED_BY = ("pretrain", "sft", "rm", "tokenize")
+JUDGED_BY = ("pretrain", "sft", "rm", "tokenize", "fetch")
 CONTROL = ("sft_resample", "sft")
 BASE_DIALOGUE = (
     "A conversation between a user and a helpful assistant.\n\n"
     "User: What is the capital of France?\nAssistant: The capital of France is Paris.\n\n"
     "User: {question}\nAssistant:"
 )
+
+
+@dataclass
+class VerifiableConfig:
+    sets: dict[str, str] = field(default_factory=lambda: {"arithmetic": "{fetch}/arithmetic/held_out.jsonl",
+                                                          "evals_math": "{fetch}/verifiable_evals/*.jsonl"})  # fmt: skip
+    tasks: int = 200  # the first tasks of each set, in file order (0: all)
+    max_new_tokens: int = 16
+    max_line_bytes: int = MAX_LINE_BYTES  # a longer JSONL line is skipped and counted, never read whole
+
+    def validate(self) -> list[tuple[str, str]]:
+        return at_least(self, 0, "tasks") + at_least(self, 1, "max_new_tokens", "max_line_bytes")
 
 
 @dataclass
@@ -74,6 +91,7 @@ class EvaluateConfig:
     batch_size: int = 16  # sequences per forward pass
     perplexity_tokens: int = 65536  # held-out pretraining tokens scored per model (0: all)
     shots: int = 3  # the k of k-shot
+    verifiable: VerifiableConfig = field(default_factory=VerifiableConfig)
     seed: int = 0
 
     def validate(self) -> list[tuple[str, str]]:
@@ -292,6 +310,31 @@ def fewshot_accuracy(model: GPT, sp, shots: int, pad: int, batch_size: int) -> d
     return results
 
 
+def verifiable_accuracy(cfg: VerifiableConfig, fetch: Path, template: ChatTemplate, models: dict[str, GPT],
+                        batch_size: int) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Per set: how many tasks were answered and each model's accuracy (greedy answers, the exact-answer reward),
+    or why the set was left out."""
+    greedy = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+    context = min(m.cfg.max_seq_len for m in models.values())
+    results: dict[str, dict[str, Any]] = {}
+    for name, pattern in cfg.sets.items():
+        skipped = Skipped()
+        key = f"evaluate.verifiable.sets.{name}"
+        try:
+            found = read_tasks([pattern.format(fetch=fetch)], key, skipped, cfg.max_line_bytes)
+        except GptlineError as missing:
+            results[name] = {"left_out": str(missing)}
+            continue
+        tasks = [(template.prompt(messages), answer) for _, messages, answer in found if answer is not None]
+        fitting = [t for t in tasks if len(t[0]) + cfg.max_new_tokens <= context]
+        chosen = fitting[: cfg.tasks] if cfg.tasks else fitting
+        results[name] = {"tasks": len(chosen), "too_long": len(tasks) - len(fitting), "skipped": skipped.summary(),
+                         "accuracy": {model_name: held_out_reward(model, template, chosen, exact_answer, greedy,
+                                                                  batch_size=batch_size)
+                                      for model_name, model in models.items()}}  # fmt: skip
+    return results
+
+
 def base_dialogue_prompt(sp, messages: list[Message], end_of_text: int) -> list[int]:
     question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
     return [end_of_text, *sp.encode(BASE_DIALOGUE.format(question=question))]
@@ -353,6 +396,9 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
     answer("base", "base", base_prompts, [ids["end_of_text"]], cfg.seed,
            lambda t: first_line(sp.decode([i for i in t if i != ids["end_of_text"]])))  # fmt: skip
     rewards = {name: judge.rewards(prompts, answers) for name, answers in texts.items()}
+    say("held-out accuracy on the verifiable sets")
+    chat_models = {name: models[name] for name in ("sft", *aligned)}
+    verifiable = verifiable_accuracy(cfg.verifiable, inputs["fetch"], template, chat_models, cfg.batch_size)
     candidates = [sample_answers(models["sft"], chat_prompts, cfg, stop, pad, cfg.seed + 100 + k)[0]
                   for k in range(cfg.best_of)]  # fmt: skip
     candidate_texts = [[template.decode(t) for t in c] for c in candidates]
@@ -384,6 +430,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
         "elo": ratings,
         "entropy": entropy,
         "answer_length": {n: float(np.mean(v)) for n, v in lengths.items()},
+        "verifiable": verifiable,
         "mean_reward": {n: float(r.mean()) for n, r in rewards.items()},
         "prompts": len(prompts),
         "best_of": cfg.best_of,
@@ -392,6 +439,15 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
     (out_dir / SAMPLES).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     for m in judged:
         say(f"{m['a']} vs {m['b']}: win rate {m['win_rate']:.2f} ± {m['stderr']:.2f} over {m['prompts']} prompts")
+    for name, result in verifiable.items():
+        scores = ", ".join(f"{m} {a:.2f}" for m, a in result.get("accuracy", {}).items())
+        say(f"{name}: left out ({result['left_out']})" if "left_out" in result
+            else f"{name}: accuracy over {result['tasks']} held-out tasks: {scores}")  # fmt: skip
+    verifiable_metrics = {
+        f"verifiable_{task_set}_{name}": accuracy
+        for task_set, result in verifiable.items()
+        for name, accuracy in result.get("accuracy", {}).items()
+    }
     return {
         **{f"win_{m['a']}_vs_{m['b']}": m["win_rate"] for m in judged},
         "rm_accuracy": rm_accuracy["accuracy"],
@@ -399,18 +455,32 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageC
         **{f"ppl_{name}": p["pretraining_text"] for name, p in perplexities.items()},
         **{f"entropy_{name}": e["first_token"] for name, e in entropy.items()},
         **{f"length_{name}": v for name, v in evaluation["answer_length"].items()},
+        **verifiable_metrics,
         **{f"fewshot_{name}": float(np.mean([t[f"{cfg.shots}_shot"] for t in few[name].values()])) for name in few},
     }
 
 
 def report(directory: Path) -> list[dict[str, Any]]:
-    """Win rates, Elo, perplexity, few-shot accuracy, entropy, and answers side by side."""
+    """Win rates, Elo, perplexity, few-shot and verifiable-set accuracy, entropy, and answers side by side."""
     e = json.loads((directory / EVALUATION).read_text())
     matchups = [f"{m['a']} vs {m['b']}" for m in e["matchups"]]
     players = sorted(e["elo"], key=e["elo"].get)
     samples = [json.loads(line) for line in (directory / SAMPLES).read_text().splitlines()[:8]]
     language_models = list(e["perplexity"])  # base, sft, then the aligned models
     shown = ["base", "sft", "best_of_n", *e["aligned"]]
+    verifiable = e.get("verifiable", {})  # evaluations of VERSION 2 have none
+    scored = {name: result for name, result in verifiable.items() if "accuracy" in result}
+    left_out = [[name, result["left_out"]] for name, result in verifiable.items() if "left_out" in result]
+    answering = ["sft", *e["aligned"]]
+    verifiable_sections = []
+    if scored:
+        verifiable_sections.append(
+            {"kind": "bars", "title": "held-out accuracy on the verifiable sets (greedy answers, exact answer)",
+             "categories": [f"{name} ({result['tasks']} tasks)" for name, result in scored.items()],
+             "series": {m: [result["accuracy"][m] for result in scored.values()] for m in answering}})  # fmt: skip
+    if left_out:
+        verifiable_sections.append({"kind": "table", "title": "verifiable sets left out", "columns": ["set", "why"],
+                                    "rows": left_out})  # fmt: skip
     return [
         {"kind": "bars", "title": f"win rate judged by the reward model ({e['prompts']} held-out prompts)",
          "categories": matchups, "series": {"win rate": [m["win_rate"] for m in e["matchups"]]}},
@@ -429,6 +499,7 @@ def report(directory: Path) -> list[dict[str, Any]]:
          "columns": ["model", "task", *sorted(next(iter(next(iter(e["fewshot"].values())).values())))],
          "rows": [[n, task, *[scores[k] for k in sorted(scores)]] for n, tasks in e["fewshot"].items()
                   for task, scores in tasks.items()]},
+        *verifiable_sections,
         {"kind": "table", "title": "reward model on its held-out comparisons",
          "columns": ["pairs", "accuracy", "longer answer wins", "mean margin"],
          "rows": [[e["reward_model"][k] for k in ("pairs", "accuracy", "length_baseline", "mean_margin")]]},

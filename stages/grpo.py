@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from gptline.data.chat import ChatTemplate, Skipped
+from gptline.data.readers import MAX_LINE_BYTES
 from gptline.data.verifiable import held_out_reward, read_tasks
 from gptline.model.export import export, load
 from gptline.model.generate import SamplingConfig
@@ -87,6 +88,7 @@ class GRPOKLConfig:
 class GRPOConfig:
     prompts: list[str] = field(default_factory=lambda: ["{fetch}/arithmetic/train.jsonl"])
     eval_prompts: list[str] = field(default_factory=lambda: ["{fetch}/arithmetic/held_out.jsonl"])
+    max_line_bytes: int = MAX_LINE_BYTES  # a longer JSONL line is skipped and counted, never read whole
     reward: str = "gptline.data.verifiable:exact_answer"  # or "model": the rm artifact
     normalize_reward: bool = True  # reward: model; by the RM artifact's held-out mean and std
     iterations: int = 20
@@ -114,7 +116,7 @@ class GRPOConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         keys = ("iterations", "rollout_batch", "minibatch", "epochs", "eval_every", "checkpoint_every",
-                "keep_checkpoints")  # fmt: skip
+                "keep_checkpoints", "max_line_bytes")  # fmt: skip
         problems = at_least(self, 2, "group_size") + at_least(self, 1, *keys)
         problems += at_least(self, 0, "eval_limit", "num_samples")
         if self.advantage not in ADVANTAGE_ESTIMATORS:
@@ -157,8 +159,10 @@ def run(cfg: GRPOConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageConte
     context = json.loads((inputs["sft"] / "config.json").read_text())["gptline"]["max_seq_len"]
     skipped = Skipped()
     paths = {k: str(v) for k, v in inputs.items()}
-    tasks = read_tasks([p.format(**paths) for p in cfg.prompts], "grpo.prompts", skipped)
-    held_out = read_tasks([p.format(**paths) for p in cfg.eval_prompts], "grpo.eval_prompts", skipped)
+    tasks = read_tasks([p.format(**paths) for p in cfg.prompts], "grpo.prompts", skipped, cfg.max_line_bytes)
+    held_out = read_tasks(
+        [p.format(**paths) for p in cfg.eval_prompts], "grpo.eval_prompts", skipped, cfg.max_line_bytes
+    )
     room = cfg.sampling.max_new_tokens
     train_tasks = fitting_tasks(tasks, template, "grpo.prompts", room, context)
     eval_tasks = fitting_tasks(held_out[: cfg.eval_limit], template, "grpo.eval_prompts", room, context)

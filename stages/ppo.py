@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from gptline.data.chat import ChatTemplate, Skipped, read_prompts
+from gptline.data.readers import MAX_LINE_BYTES
 from gptline.model.export import export, load
 from gptline.model.generate import SamplingConfig
 from gptline.model.gpt import GPT, ScalarModel
@@ -94,6 +95,7 @@ class FrozenResources:
 @dataclass
 class PPOConfig:
     prompts: list[str] = field(default_factory=lambda: ["{sft}/prompts.jsonl"])
+    max_line_bytes: int = MAX_LINE_BYTES  # a longer JSONL line is skipped and counted, never read whole
     iterations: int = 20
     rollout_batch: int = 16  # prompts per iteration, over all workers
     minibatch: int = 8  # answers per update, over all workers
@@ -127,7 +129,8 @@ class PPOConfig:
     seed: int = 0
 
     def validate(self) -> list[tuple[str, str]]:
-        keys = ("iterations", "rollout_batch", "minibatch", "ppo_epochs", "checkpoint_every", "keep_checkpoints")
+        keys = ("iterations", "rollout_batch", "minibatch", "ppo_epochs", "checkpoint_every", "keep_checkpoints",
+                "max_line_bytes")  # fmt: skip
         problems = at_least(self, 1, *keys) + at_least(self, 0, "ptx_coef", "entropy_coef", "num_samples")
         if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1):
             problems.append(("gamma", "needs 0 < gamma <= 1 and 0 <= lam <= 1"))
@@ -212,7 +215,7 @@ def run(cfg: PPOConfig, inputs: dict[str, Path], out_dir: Path, ctx: StageContex
     template = ChatTemplate(inputs["sft"])
     skipped = Skipped()
     patterns = [p.format(**{k: str(v) for k, v in inputs.items()}) for p in cfg.prompts]
-    prompts = read_prompts(patterns, "ppo.prompts", skipped)
+    prompts = read_prompts(patterns, "ppo.prompts", skipped, cfg.max_line_bytes)
     context = json.loads((inputs["sft"] / "config.json").read_text())["gptline"]["max_seq_len"]
     # room for the answer, and for the end-of-turn and reward tokens the reward model reads after it
     fitting = [p for p in prompts if len(template.prompt(p)) + cfg.sampling.max_new_tokens + 2 <= context]

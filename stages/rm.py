@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from gptline.data.chat import ChatTemplate, Comparison, Skipped, read_comparisons, split_comparisons
 from gptline.data.formats import COMPARISONS, REWARD_STATS, load_ragged, save_ragged
+from gptline.data.readers import MAX_LINE_BYTES
 from gptline.model.export import export, load
 from gptline.model.gpt import ScalarModel, rewards_at, rewards_at_last
 from gptline.training.collectives import all_reduce_sum
@@ -51,6 +52,7 @@ COLUMNS = ("chosen", "rejected", "weight")
 @dataclass
 class RMConfig(TrainConfig):
     data: list[str] = field(default_factory=lambda: ["{fetch}/preferences_*/*.jsonl"])  # the fetch stage's pairs
+    max_line_bytes: int = MAX_LINE_BYTES  # a longer JSONL line is skipped and counted, never read whole
     validation_fraction: float = 0.1
     steps: int = 0  # 0: set by epochs
     epochs: float = 1.0  # InstructGPT: one epoch; more overfits
@@ -59,7 +61,7 @@ class RMConfig(TrainConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0))
 
     def validate(self) -> list[tuple[str, str]]:
-        problems = super().validate() + at_least(self, 0, "max_len")
+        problems = super().validate() + at_least(self, 0, "max_len") + at_least(self, 1, "max_line_bytes")
         if not 0 < self.validation_fraction < 1:
             problems.append(("validation_fraction", f"must be in (0, 1), got {self.validation_fraction}"))
         if self.epochs <= 0:
@@ -91,7 +93,7 @@ def collate(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None], pad_i
 def prepare(cfg: RMConfig, inputs: dict[str, Path], template: ChatTemplate, max_len: int):
     patterns = [p.format(**{k: str(v) for k, v in inputs.items()}) for p in cfg.data]
     skipped = Skipped()
-    comparisons = read_comparisons(patterns, "rm.data", skipped)
+    comparisons = read_comparisons(patterns, "rm.data", skipped, cfg.max_line_bytes)
 
     def encode(number: int, c: Comparison):
         chosen, rejected = template.reward_input(c.prompt, c.chosen), template.reward_input(c.prompt, c.rejected)

@@ -28,6 +28,7 @@ import torch
 from gptline.data.chat import ChatTemplate, Message, Skipped, read_conversations
 from gptline.data.dedup import unit_hash
 from gptline.data.formats import EXAMPLES, PROMPTS, load_ragged, save_ragged
+from gptline.data.readers import MAX_LINE_BYTES
 from gptline.model.export import export, load
 from gptline.model.gpt import GPT
 from gptline.model.lora import LoRAConfig, apply_lora, merge_lora
@@ -50,6 +51,7 @@ SPLITS = ("train", "validation")
 @dataclass
 class SFTConfig(TrainConfig):
     data: list[str] = field(default_factory=lambda: ["{fetch}/sft_*/*.jsonl"])  # the fetch stage's chat transcripts
+    max_line_bytes: int = MAX_LINE_BYTES  # a longer JSONL line is skipped and counted, never read whole
     validation_fraction: float = 0.1
     steps: int = 0  # 0: set by epochs
     epochs: float = 2.0
@@ -65,7 +67,9 @@ class SFTConfig(TrainConfig):
     packing: bool = True
 
     def validate(self) -> list[tuple[str, str]]:
-        problems = super().validate() + at_least(self, 0, "max_len", "num_samples")
+        problems = (
+            super().validate() + at_least(self, 0, "max_len", "num_samples") + at_least(self, 1, "max_line_bytes")
+        )
         if not 0 < self.validation_fraction < 1:
             problems.append(("validation_fraction", f"must be in (0, 1), got {self.validation_fraction}"))
         if self.epochs <= 0:
@@ -83,7 +87,7 @@ def prepare(cfg: SFTConfig, inputs: dict[str, Path], max_len: int) -> tuple[dict
     template = ChatTemplate(inputs["tokenizer"])
     patterns = [p.format(**{k: str(v) for k, v in inputs.items()}) for p in cfg.data]
     skipped = Skipped()
-    conversations = read_conversations(patterns, "sft.data", skipped)
+    conversations = read_conversations(patterns, "sft.data", skipped, cfg.max_line_bytes)
     kept, keys, prompts = [], [], []
     for number, messages in enumerate(conversations):
         ids, trained = template.encode(messages)

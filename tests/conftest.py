@@ -43,6 +43,18 @@ def ray_session(tmp_path_factory: pytest.TempPathFactory):
     os.environ.pop("RAY_ADDRESS", None)
 
 
+@pytest.fixture(scope="session")
+def default_data(tmp_path_factory: pytest.TempPathFactory, ray_session: SimpleNamespace) -> Path:
+    """A store holding the default data chain (fetch, crawl_mix, tokenizer, tokenize) as `make run` builds it, built
+    once for the slow group: the registry downloads and the pydoc crawl are the slowest part of every test that needs
+    the default corpus. Tests read it or build downstream of it; none builds another variant of those stages there."""
+    from gptline.cli.main import main
+
+    store = tmp_path_factory.mktemp("default-data") / "store"
+    assert main(["run", f"store.root={store}", "tracking=disabled", "run.quiet=true", "--until", "tokenize"]) == 0
+    return store
+
+
 class Pipeline:
     """Drives the real CLI (in this process) against one test's own store."""
 

@@ -22,8 +22,8 @@ def bench(module: str, *args: str) -> str:
 
 
 @pytest.mark.slow
-def test_data_benches_run_on_the_default_corpus(tmp_path):
-    store = str(tmp_path / "store")  # tokenize builds fetch, crawl_mix and tokenizer here; crawl_mix reuses fetch
+def test_data_benches_run_on_the_default_corpus(default_data):
+    store = str(default_data)  # the benches read the fetch, crawl_mix and tokenizer artifacts there
     out = bench("tokenize", "--store", store, "--copies", "1", "--repeats", "1")
     assert "stage (2 workers) / sentencepiece loop:" in out and "HF tokenizers / sentencepiece loop:" in out
     assert "word-aligned pieces / whole documents" in out

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gptline.data.chat import ChatTemplate, Skipped, read_comparisons, read_conversations
+from gptline.data.readers import MAX_LINE_BYTES
 from gptline.model.export import export, load
 from gptline.model.gpt import GPT, IGNORE_INDEX, ModelConfig, ScalarModel, rewards_at
 from gptline.model.lora import LoRAConfig, apply_lora, merge_lora
@@ -77,7 +78,7 @@ def test_conversation_records_and_bad_ones_skipped_by_reason(tmp_path):
         "[1, 2]",
     ])  # fmt: skip
     skipped = Skipped()
-    conversations = read_conversations([str(path)], "sft.data", skipped)
+    conversations = read_conversations([str(path)], "sft.data", skipped, MAX_LINE_BYTES)
     assert [len(c) for c in conversations] == [3, 4]
     assert conversations[0][0] == {"role": "system", "content": "Be kind."}
     assert dict(skipped.counts) == {
@@ -96,7 +97,7 @@ def test_rankings_expand_to_all_pairs_weighted_per_prompt(tmp_path):
         {"prompt": "Q5", "chosen": "", "rejected": "bad"},
     ])  # fmt: skip
     skipped = Skipped()
-    pairs = read_comparisons([str(path)], "rm.data", skipped)
+    pairs = read_comparisons([str(path)], "rm.data", skipped, MAX_LINE_BYTES)
     ranked = [p for p in pairs if p.prompt[0]["content"] == "Q"]
     assert len(ranked) == 6 and all(p.weight == pytest.approx(1 / 6) for p in ranked)
     order = ["y", "w", "z", "x"]  # ranking lists completion indices best first
@@ -113,7 +114,7 @@ def test_hh_transcripts_split_into_shared_prompt_and_two_answers(tmp_path):
         {"chosen": shared + "\n\nAssistant: Fine.", "rejected": shared + "\n\nAssistant:  "},
     ])  # fmt: skip
     skipped = Skipped()
-    (pair,) = read_comparisons([str(path)], "rm.data", skipped)
+    (pair,) = read_comparisons([str(path)], "rm.data", skipped, MAX_LINE_BYTES)
     assert [m["role"] for m in pair.prompt] == ["user", "assistant", "user"]
     assert pair.prompt[2]["content"] == "And then?"
     assert (pair.chosen, pair.rejected) == ("Knead it and bake it.", "No.")

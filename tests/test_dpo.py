@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from gptline.data.chat import Skipped, read_comparisons
+from gptline.data.readers import MAX_LINE_BYTES
 from gptline.model.export import export, load
 from gptline.model.gpt import GPT, ModelConfig
 from pipeline.config import DEFAULT_CONFIG_DIR, typed
@@ -45,7 +46,7 @@ def comparisons(tmp_path_factory) -> dict[str, Path]:
     (tmp / "fetched").mkdir()
     fetch.run(cfg, {}, tmp / "fetched", StageContext("fetch", quiet=True))
     data = tmp / "fetched" / "preferences_evals"
-    pairs = read_comparisons([str(data / "pairs.jsonl")], "dpo.data", Skipped())
+    pairs = read_comparisons([str(data / "pairs.jsonl")], "dpo.data", Skipped(), MAX_LINE_BYTES)
     texts = [m["content"] for p in pairs for m in p.prompt] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
     return {"data": data, "tokenizer": train_tokenizer(tmp, texts, vocab_size=2048), "tmp": tmp}
 
@@ -90,7 +91,7 @@ def test_dpo_pairs_hold_only_the_last_answer_trained_and_rankings_expand_with_we
                "completions": ["red", "blue", "a number"], "ranking": [1, 0, 2]}  # fmt: skip
     (data / "p.jsonl").write_text(json.dumps(ranking) + "\n" * 2 + json.dumps({"prompt": "Q", "chosen": "a"}) + "\n")
     cfg = typed(dpo.DPOConfig, {"data": ["{fetch}/*.jsonl"], "validation_fraction": 0.5})
-    found = read_comparisons([str(data / "p.jsonl")], "dpo.data", Skipped())
+    found = read_comparisons([str(data / "p.jsonl")], "dpo.data", Skipped(), MAX_LINE_BYTES)
     pairs = [(c.chosen, c.rejected, c.weight) for c in found]
     assert pairs == [("blue", "red", 1 / 3), ("blue", "a number", 1 / 3), ("red", "a number", 1 / 3)]
     with pytest.raises(GptlineError, match="both the training and the held-out split need at least one"):

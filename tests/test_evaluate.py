@@ -112,7 +112,8 @@ def test_bad_config_names_the_key():
 
 def test_evaluate_compares_every_aligned_model_present(template, tok, tmp_path):
     """The stage end to end on tiny random models: with dpo alone, and with ppo and dpo, each aligned model is judged
-    against sft, base and the others, rated, and measured (perplexity, entropy, answer length)."""
+    against sft, base and the others, rated, and measured (perplexity, entropy, answer length, held-out accuracy on
+    the verifiable sets present)."""
     import pyarrow as pa
 
     from gptline.data.formats import COMPARISONS, EXAMPLES, save_ragged, write_ipc
@@ -136,6 +137,10 @@ def test_evaluate_compares_every_aligned_model_present(template, tok, tmp_path):
                                              "validation_rejected": [r for _, r in pairs]})  # fmt: skip
     tokens = np.array(template.tokenizer.encode(" ".join(questions * 20)), dtype=np.uint16)
     write_ipc(pa.table({"tokens": tokens}), inputs["tokenize"] / "validation" / "part-0.tokens.arrow")
+    inputs["fetch"] = tmp_path / "fetch"  # the arithmetic set only: the evals math set is left out, with its key
+    (inputs["fetch"] / "arithmetic").mkdir(parents=True)
+    tasks = [{"prompt": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(5)]
+    (inputs["fetch"] / "arithmetic" / "held_out.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
     cfg = evaluate.EvaluateConfig(num_prompts=4, best_of=2, shots=1, perplexity_tokens=256,
                                   sampling=evaluate.SamplingConfig(max_new_tokens=8))  # fmt: skip
     for aligned in (["dpo"], ["ppo", "dpo"]):
@@ -152,4 +157,11 @@ def test_evaluate_compares_every_aligned_model_present(template, tok, tmp_path):
         assert set(result["perplexity"]) == set(result["entropy"]) == {"base", "sft", *aligned}
         assert {"sft", "best_of_n", *aligned} <= set(result["answer_length"]) and metrics[f"length_{aligned[0]}"] > 0
         assert not any(k.startswith("win_ppo") for k in metrics) or "ppo" in aligned
-        assert [s["kind"] for s in evaluate.report(out)][:2] == ["bars", "bars"]
+        arithmetic, evals_math = result["verifiable"]["arithmetic"], result["verifiable"]["evals_math"]
+        assert arithmetic["tasks"] == 5 and set(arithmetic["accuracy"]) == {"sft", *aligned}
+        assert all(0 <= a <= 1 for a in arithmetic["accuracy"].values()) and "verifiable_arithmetic_sft" in metrics
+        assert "evaluate.verifiable.sets.evals_math[0]: no file matches" in evals_math["left_out"]
+        sections = evaluate.report(out)
+        assert [s["kind"] for s in sections][:2] == ["bars", "bars"]
+        titles = [s["title"] for s in sections]
+        assert "verifiable sets left out" in titles and any(t.startswith("held-out accuracy on the") for t in titles)

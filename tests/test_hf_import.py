@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from gptline.data.chat import ChatTemplate, Skipped, read_comparisons, read_conversations
+from gptline.data.readers import MAX_LINE_BYTES
 from gptline.model.export import export, load
 from gptline.model.generate import SamplingConfig, generate
 from gptline.model.hf_import import import_model, inspect
@@ -81,8 +82,8 @@ def default_data(tmp_path_factory) -> tuple[list[list[dict]], list]:
     cfg = typed(fetch.FetchConfig, {"archives": chosen, "crawl": {"enabled": False}})
     fetch.run(cfg, {}, out, StageContext("fetch", quiet=True))
     skipped = Skipped()
-    conversations = read_conversations([str(out / "sft_*" / "*.jsonl")], "sft.data", skipped)
-    comparisons = read_comparisons([str(out / "preferences_evals" / "*.jsonl")], "rm.data", skipped)
+    conversations = read_conversations([str(out / "sft_*" / "*.jsonl")], "sft.data", skipped, MAX_LINE_BYTES)
+    comparisons = read_comparisons([str(out / "preferences_evals" / "*.jsonl")], "rm.data", skipped, MAX_LINE_BYTES)
     if SHARED_SFT.exists():
         conversations += [[{"role": "user", "content": t["instruction"] + (f"\n\n{i['input']}" if i["input"] else "")},
                            {"role": "assistant", "content": i["output"]}]

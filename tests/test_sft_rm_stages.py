@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from gptline.data.chat import Skipped, read_comparisons
 from gptline.data.formats import REWARD_STATS
+from gptline.data.readers import MAX_LINE_BYTES
 from gptline.model.export import export, load
 from gptline.model.gpt import GPT, ModelConfig, ScalarModel
 from pipeline.config import typed
@@ -174,7 +175,7 @@ def test_rm_stage_on_rankings_writes_reward_statistics(chat_data, tmp_path, ray_
 def test_rm_on_human_preferences_beats_chance_and_the_length_baseline(tmp_path, ray_session):
     """Most of the HH harmless pairs for training, a fifth held out (split by prompt). Figures in the log."""
     skipped = Skipped()
-    pairs = read_comparisons([str(needs(HH))], "rm.data", skipped)
+    pairs = read_comparisons([str(needs(HH))], "rm.data", skipped, MAX_LINE_BYTES)
     texts = [m["content"] for p in pairs for m in p.prompt] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
     tok = train_tokenizer(tmp_path, texts, vocab_size=2048)
     trunk = base_model(tmp_path, tok, dim=128, max_seq_len=512)

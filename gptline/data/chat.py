@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from gptline.data.readers import expand_paths, filesystem
+from gptline.data.readers import capped_lines, expand_paths, filesystem
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
@@ -58,17 +58,25 @@ class BadRecord(ValueError):
     """A record that cannot be used; the message is the reason it is counted under."""
 
 
-def jsonl_records(patterns: list[str], key: str, skipped: Skipped) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(file:line, object) for every JSON object line of the matched files (plain or compressed)."""
+def jsonl_records(
+    patterns: list[str], key: str, skipped: Skipped, max_line_bytes: int
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(file:line, object) for every JSON object line of the matched files (plain or compressed). A line longer than
+    `max_line_bytes` is skipped as oversized_line, never held whole in memory (a small gzip can expand to gigabytes
+    on one line)."""
     for path in expand_paths(patterns, [".jsonl", ".jsonl.gz", ".json"], key):
         fs, inner = filesystem(path)
         number = 0
         try:
             with fs.open_input_stream(inner, compression="detect") as stream:
-                for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8", errors="replace"), 1):
+                for number, raw in enumerate(capped_lines(io.BufferedReader(stream), max_line_bytes), 1):
+                    where = f"{path}:{number}"
+                    if raw is None:
+                        skipped.add("oversized_line", where)
+                        continue
+                    line = raw.decode("utf-8", errors="replace")
                     if not line.strip():
                         continue
-                    where = f"{path}:{number}"
                     try:
                         record = json.loads(line)
                     except ValueError:
@@ -131,9 +139,9 @@ def conversation(record: dict[str, Any]) -> list[Message]:
     return messages
 
 
-def read_conversations(patterns: list[str], key: str, skipped: Skipped) -> list[list[Message]]:
+def read_conversations(patterns: list[str], key: str, skipped: Skipped, max_line_bytes: int) -> list[list[Message]]:
     found = []
-    for where, record in jsonl_records(patterns, key, skipped):
+    for where, record in jsonl_records(patterns, key, skipped, max_line_bytes):
         try:
             found.append(conversation(record))
         except BadRecord as bad:
@@ -141,10 +149,10 @@ def read_conversations(patterns: list[str], key: str, skipped: Skipped) -> list[
     return found
 
 
-def read_prompts(patterns: list[str], key: str, skipped: Skipped) -> list[list[Message]]:
+def read_prompts(patterns: list[str], key: str, skipped: Skipped, max_line_bytes: int) -> list[list[Message]]:
     """Prompt records, `{"prompt": str}` or `{"messages": [...]}` ending in a user turn (ppo's rollouts)."""
     found = []
-    for where, record in jsonl_records(patterns, key, skipped):
+    for where, record in jsonl_records(patterns, key, skipped, max_line_bytes):
         try:
             found.append(prompt_messages(record.get("messages", record.get("prompt")), record.get("system")))
         except BadRecord as bad:
@@ -199,9 +207,9 @@ def comparisons(record: dict[str, Any]) -> list[Comparison]:
     return [Comparison(prompt, chosen, rejected)]
 
 
-def read_comparisons(patterns: list[str], key: str, skipped: Skipped) -> list[Comparison]:
+def read_comparisons(patterns: list[str], key: str, skipped: Skipped, max_line_bytes: int) -> list[Comparison]:
     found: list[Comparison] = []
-    for where, record in jsonl_records(patterns, key, skipped):
+    for where, record in jsonl_records(patterns, key, skipped, max_line_bytes):
         try:
             found += [dataclasses.replace(c, source=where) for c in comparisons(record)]
         except BadRecord as bad:

@@ -36,10 +36,13 @@ DEFAULT_EXTENSIONS = {"text": [".txt", ".md", ".markdown"], "code": [".py"]}
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 
+MAX_LINE_BYTES = 64 << 20  # a JSONL line, its newline included: crawl_mix's sources and the chat data alike
+
+
 @dataclass
 class ReadLimits:
     max_record_bytes: int = 64 << 20  # a WARC payload, a text or code file, a Parquet text value
-    max_line_bytes: int = 64 << 20  # a JSONL line, its newline included
+    max_line_bytes: int = MAX_LINE_BYTES
 
     def validate(self) -> list[tuple[str, str]]:
         return [(k, "must be >= 1") for k in ("max_record_bytes", "max_line_bytes") if getattr(self, k) < 1]
@@ -159,23 +162,23 @@ def read_warc(stream, counts: Counter, extractor: str, limits: ReadLimits) -> It
         yield RawDocument(html_to_text(html, extractor), url, record_no, date)
 
 
-def _lines(stream, counts: Counter, max_bytes: int) -> Iterator[bytes | None]:
-    """The stream's lines, each read with at most `max_bytes` + 1 bytes in memory; None for a longer one (counted
-    as oversized_lines), whose rest is read past in pieces."""
+def capped_lines(stream, max_bytes: int) -> Iterator[bytes | None]:
+    """The binary stream's lines, each read with at most `max_bytes` + 1 bytes in memory; None for a longer one,
+    whose rest is read past in pieces."""
     while line := stream.readline(max_bytes + 1):
         if len(line) <= max_bytes:
             yield line
             continue
         while line and not line.endswith(b"\n"):
             line = stream.readline(max_bytes + 1)
-        counts["oversized_lines"] += 1
         yield None
 
 
 def read_jsonl(stream, counts: Counter, text_field: str, url_field: str, limits: ReadLimits) -> Iterator[RawDocument]:
-    for record_no, raw in enumerate(_lines(stream, counts, limits.max_line_bytes)):
+    for record_no, raw in enumerate(capped_lines(stream, limits.max_line_bytes)):
         counts["records"] += 1
         if raw is None:
+            counts["oversized_lines"] += 1
             continue
         try:
             obj = json.loads(raw)

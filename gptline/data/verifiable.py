@@ -61,10 +61,12 @@ def exact_answer(texts: list[str], references: list[str | None]) -> list[float]:
 
 
 # ---- task records ---------------------------------------------------------------------------------------------
-def read_tasks(patterns: list[str], key: str, skipped: Skipped) -> list[tuple[str, list[Message], str | None]]:
+def read_tasks(
+    patterns: list[str], key: str, skipped: Skipped, max_line_bytes: int
+) -> list[tuple[str, list[Message], str | None]]:
     """(file:line, prompt messages, expected answer or None) of every prompt record of the matched files."""
     found = []
-    for where, record in jsonl_records(patterns, key, skipped):
+    for where, record in jsonl_records(patterns, key, skipped, max_line_bytes):
         answer = record.get("answer")
         if answer is not None and not isinstance(answer, str | int | float):
             skipped.add("answer_not_a_string_or_number", where)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptline.data.chat import Skipped, read_comparisons, read_conversations, read_prompts
-from gptline.data.readers import read_documents
+from gptline.data.readers import MAX_LINE_BYTES, read_documents
 from pipeline.errors import GptlineError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -161,7 +161,7 @@ def test_garbled_chat_and_preference_records_are_skipped_and_counted(tmp_path, d
         path.write_text("\n".join(lines) + "\n")
         for reader in readers:
             skipped = Skipped()
-            found = reader([str(path)], "fuzz.data", skipped)
+            found = reader([str(path)], "fuzz.data", skipped, MAX_LINE_BYTES)
             if any(line.strip() for line in lines):  # every non-blank line is used or counted
                 assert len(found) + sum(skipped.counts.values()) >= 1
             assert all(str(path) in entry["first"] for entry in skipped.summary().values())
@@ -174,5 +174,5 @@ def test_mutated_compressed_chat_files_are_skipped_or_named(tmp_path, data):
     original = gzip.compress("".join(json.dumps(r) + "\n" for r in CONVERSATIONS * 5).encode())
     path.write_bytes(data.draw(mutated(original)))
     skipped = Skipped()
-    found = read_conversations([str(path)], "fuzz.data", skipped)
+    found = read_conversations([str(path)], "fuzz.data", skipped, MAX_LINE_BYTES)
     assert len(found) <= 10 and all(str(path) in entry["first"] for entry in skipped.summary().values())

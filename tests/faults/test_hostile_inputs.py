@@ -18,9 +18,12 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from gptline.data import dedup, filters
-from gptline.data.chat import HH_TURN
+from gptline.data.chat import HH_TURN, Skipped, read_comparisons, read_conversations, read_prompts
 from gptline.data.readers import ReadLimits, read_documents
+from gptline.data.verifiable import read_tasks
 from pipeline.artifacts import Store
+from pipeline.config import ConfigError, typed, validate
+from stages import dpo, grpo, ppo, rm, sft
 
 SECONDS_PER_MB = 5.0  # linear code takes well under a second per MB; the quadratic email regex took minutes
 ADVERSARIAL = {
@@ -91,6 +94,42 @@ def test_a_compression_bomb_line_is_skipped_and_counted_in_bounded_memory(tmp_pa
     assert [d.text for d in docs] == ["a fine document"] * 2
     assert counts["oversized_lines"] == 1 and counts["records"] == 3 and counts["bad_records"] == 0
     assert peak < 8 << 20, f"{peak / 2**20:.0f} MB held for a line capped at 1 MB"
+
+
+CHAT_LINES = {
+    read_conversations: b'{"prompt": "Hi", "response": "Hello"}\n',
+    read_prompts: b'{"prompt": "Hi"}\n',
+    read_comparisons: b'{"prompt": "Hi", "chosen": "Hello", "rejected": "Go"}\n',
+    read_tasks: b'{"prompt": "What is 1 + 1?", "answer": "2"}\n',
+}
+
+
+@pytest.mark.parametrize("reader", list(CHAT_LINES), ids=lambda reader: reader.__name__)
+def test_a_gzip_bomb_line_in_chat_data_is_skipped_and_counted_in_bounded_memory(tmp_path, reader):
+    """sft's conversations, ppo's prompts, rm's and dpo's comparisons, grpo's tasks: the line cap of their
+    `max_line_bytes` key holds there as in crawl_mix's sources."""
+    path = tmp_path / "bomb.jsonl.gz"
+    good = CHAT_LINES[reader]
+    with pa.CompressedOutputStream(str(path), "gzip") as f:
+        f.write(good + b'{"prompt": "' + b"a" * (48 << 20) + b'"}\n' + good)
+    assert path.stat().st_size < 100 << 10
+    skipped = Skipped()
+    tracemalloc.start()
+    try:
+        found = reader([str(path)], "sft.data", skipped, 1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(found) == 2
+    assert skipped.summary() == {"oversized_line": {"count": 1, "first": f"{path}:2"}}
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MB held for a line capped at 1 MB"
+
+
+@pytest.mark.parametrize("stage", [dpo.DPOConfig, grpo.GRPOConfig, ppo.PPOConfig, rm.RMConfig, sft.SFTConfig])
+def test_every_stage_reading_chat_data_takes_a_line_cap_in_config(stage):
+    key = f"{stage.__module__.split('.')[-1]}."
+    with pytest.raises(ConfigError, match=f"'{key}max_line_bytes': must be >= 1"):
+        validate(typed(stage, {"max_line_bytes": 0}), key)
 
 
 def test_a_10kb_gzip_record_expanding_past_the_cap_is_skipped(tmp_path):
