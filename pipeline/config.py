@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import redact
-from pipeline.dag import StageResources, StageSpec, stage_choices
+from pipeline.dag import StageChoice, StageResources, StageSpec, stage_choices
 from pipeline.errors import ConfigError
 from pipeline.versioning import mapped_dataclass
 
@@ -116,7 +117,22 @@ def _default_resources(specs: list[StageSpec]) -> dict[str, StageResources]:
 
 
 def build_schema(specs: list[StageSpec]) -> type:
-    """The root structured config: pipeline groups plus each stage's config class under its key."""
+    """The root structured config: pipeline groups plus each stage's config class under its key.
+
+    Built once per registry: what it depends on (each spec's name, key, config class and resources, and the stage
+    choices) is the cache key, so every compose and every record check of one registry shares one class."""
+    choices = stage_choices(specs)
+    shape = tuple((spec.name, spec.key, spec.config_class, dataclasses.astuple(spec.resources)) for spec in specs)
+    cache_key = (shape, tuple(choices))
+    if cache_key not in _SCHEMAS:
+        _SCHEMAS[cache_key] = _new_schema(specs, choices)
+    return _SCHEMAS[cache_key]
+
+
+_SCHEMAS: dict[tuple, type] = {}
+
+
+def _new_schema(specs: list[StageSpec], choices: list[StageChoice]) -> type:
     # Every stage's resources are in the tree from the start, so `cluster.resources.<stage>.num_workers=8`
     # overrides a default rather than needing Hydra's `+` to add a key.
     cluster = dataclasses.make_dataclass(
@@ -130,7 +146,7 @@ def build_schema(specs: list[StageSpec]) -> type:
             raise ConfigError(f"config key {spec.key!r} of stage {spec.name!r} is already taken")
         fields[spec.key] = spec.config_class
     entries = [(name, cls, field(default_factory=cls)) for name, cls in fields.items()]
-    for choice in stage_choices(specs):
+    for choice in choices:
         if choice.key in fields:
             raise ConfigError(f"config key {choice.key!r} of a stage choice is already taken")
         # A name or a list of names (`alignment=dpo`, `alignment=[ppo,dpo]`), checked by `load_config`.
@@ -281,7 +297,7 @@ def load_config(specs: list[StageSpec], data: dict[str, Any]) -> dict[str, Any]:
     """Check a resolved config tree (freshly composed, or read back from a run record) against the schema."""
     schema = build_schema(specs)
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(schema), data)
+        typed = OmegaConf.merge(_structured(schema), data)
         validate(OmegaConf.to_object(typed))
         for choice in stage_choices(specs):
             for problem in choice.problems(OmegaConf.to_container(typed)[choice.key]):
@@ -293,4 +309,11 @@ def load_config(specs: list[StageSpec], data: dict[str, Any]) -> dict[str, Any]:
 
 def typed(config_class: type, data: Any) -> Any:
     """The typed config object a stage receives."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config_class), data))
+    return OmegaConf.to_object(OmegaConf.merge(_structured(config_class), data))
+
+
+@functools.cache
+def _structured(config_class: type) -> DictConfig:
+    """A config class's defaults as a DictConfig, built once: half of checking a config is building this node, and
+    `OmegaConf.merge` copies its first argument, so the cached node is never changed."""
+    return OmegaConf.structured(config_class)
