@@ -19,6 +19,7 @@ both on tinyshakespeare from ../shared/data. Thread counts: 1 and every core.
 
     python -m bench.train_loop [--shapes shakespeare_char tiny] [--threads 1 2] [--steps 40] [--rounds 3]
     python -m bench.train_loop --device cuda   # on a GPU machine: one worker on one GPU, bf16
+    python -m bench.train_loop --set pretrain.compile=true   # ours with compiled blocks (and the bare loop too)
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 
 from gptline.model.gpt import GPT, ModelConfig
 from gptline.training.config import OptimConfig
-from gptline.training.engine import lr_at, param_groups, set_lr
+from gptline.training.engine import compile_blocks, lr_at, param_groups, set_lr
 from gptline.training.loaders import PackedLoader, TokenStream
 from pipeline.artifacts import Store
 
@@ -57,10 +58,12 @@ def gptline_run(store: Path, overrides: list[str], until: str = "pretrain") -> N
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
 
 
-def ours(store: Path, shape: list[str], threads: int, steps: int, seed: int, device: str) -> tuple[list[float], Path]:
+def ours(
+    store: Path, shape: list[str], threads: int, steps: int, seed: int, device: str, extra: list[str]
+) -> tuple[list[float], Path]:
     """Per-step seconds of the stage's own loop, and the artifact it committed."""
     gpus = ["cluster.resources.pretrain.gpus_per_worker=1"] if device == "cuda" else []
-    overrides = [*shape, f"pretrain.steps={steps}", f"pretrain.eval_every={steps}", f"pretrain.sample_every={steps}",
+    overrides = [*shape, *extra, f"pretrain.steps={steps}", f"pretrain.eval_every={steps}", f"pretrain.sample_every={steps}",
                  f"pretrain.checkpoint_every={steps}", f"pretrain.seed={seed}",
                  "cluster.resources.pretrain.num_workers=1", f"cluster.resources.pretrain.threads_per_worker={threads}",
                  *gpus]  # fmt: skip
@@ -89,6 +92,8 @@ def bare(store: Path, artifact: Path, threads: int, steps: int, device: str) -> 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg["seed"])
     model = GPT(model_cfg).to(device)
+    if cfg["compile"]:  # the stage compiled its blocks (`--set pretrain.compile=true`): the limit does too
+        compile_blocks(model)
     optim = OptimConfig(**cfg["optim"])
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, fused=True,
                                   betas=(optim.beta1, optim.beta2), eps=optim.eps)  # fmt: skip
@@ -161,11 +166,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per loop and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for ours, such as pretrain.compile=true (the bare loop then compiles too)")  # fmt: skip
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.train_loop: --device cuda needs a CUDA GPU, and none is visible here")
     print(f"machine: {machine(args.device)}; torch {torch.__version__}; {args.steps} steps per loop, "
-          f"{args.rounds} rounds; median step times, ratios = medians of each round's own ratios", flush=True)  # fmt: skip
+          f"{args.rounds} rounds; ours with {args.set or 'the defaults'}; median step times, ratios = medians of "
+          "each round's own ratios", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         seed = 1000  # a new one for every build, so pretrain builds again on the same committed data
@@ -174,7 +182,7 @@ def main() -> None:
                 per_round = []
                 for round_ in range(args.rounds):
                     seed += 1
-                    step_ours, artifact = ours(store, SHAPES[shape], threads, args.steps, seed, args.device)
+                    step_ours, artifact = ours(store, SHAPES[shape], threads, args.steps, seed, args.device, args.set)
                     step_bare = bare(store, artifact, threads, args.steps, args.device)
                     step_hf = trainer(store, artifact, threads, args.steps, args.device)
                     medians = [statistics.median(s) for s in (step_ours, step_bare, step_hf)]
