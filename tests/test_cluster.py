@@ -211,9 +211,10 @@ def test_sigterm_reaches_training_ranks_on_other_nodes_through_the_object_store(
     store = Store(s3_store)
     for name, version in INPUT_VERSIONS.items():
         store.commit(name, version, inputs[name], {})
-    # Long enough that the rank, which polls the store every 5 s, sees the request well before the end.
-    version, steps = "c" * 12, 2000
-    args = ("--workers", "1", f"steps={steps}", "eval_every=1000", f"sample_every={steps}", "checkpoint_every=5000")
+    # Long enough that the rank, which polls the store every 5 s, sees the request well before the end (~30 ms a
+    # step: the request lands about 150 steps in).
+    version, steps = "c" * 12, 600
+    args = ("--workers", "1", f"steps={steps}", f"eval_every={steps}", f"sample_every={steps}", "checkpoint_every=5000")
     process = train_on_cluster(cluster, s3_store, version, tmp_path, tmp_path, *args, wait=False)
     log = cluster.root / "worker1-private" / "pretrain" / f"{version}.partial" / "train_log.jsonl"
     deadline = time.time() + 300

@@ -101,16 +101,34 @@ def test_bad_inputs_fail_before_training(inputs, tmp_path):
         pretrain._check_inputs(typed(pretrain.PretrainConfig, SMALL), inputs["tokenize"], small_vocab, 1)
 
 
+@pytest.fixture(scope="module")
+def two_workers(inputs, tmp_path_factory, ray_session) -> Path:
+    """SMALL on two workers under the default ZeRO-2, uninterrupted and eager: the run the slow tests compare with."""
+    out = tmp_path_factory.mktemp("two-workers") / "pretrain"
+    train(inputs, out, workers=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_worker(inputs, tmp_path_factory, ray_session) -> Path:
+    """SMALL for 4 steps on one worker without ZeRO: the reference for every ZeRO preset on two workers."""
+    out = tmp_path_factory.mktemp("one-worker") / "pretrain"
+    train(inputs, out, workers=1, steps=4, deepspeed={"zero_stage": 0})
+    return out
+
+
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_checkpoint_and_reproduces_the_straight_run(inputs, tmp_path, ray_session):
-    straight = train(inputs, tmp_path / "straight", workers=2)
+def test_a_killed_worker_restarts_from_the_checkpoint_and_reproduces_the_straight_run(
+    inputs, two_workers, tmp_path, ray_session
+):
     (ray_session.fault_dir / "pretrain.after_checkpoint_4").touch()  # one worker dies right after step 4's checkpoint
     resumed = train(inputs, tmp_path / "resumed", workers=2)
     assert not (ray_session.fault_dir / "pretrain.after_checkpoint_4").exists()  # the fault fired
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    a, b = losses(two_workers), losses(tmp_path / "resumed")
     assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-6
+    straight = json.loads((two_workers / "final.json").read_text())
     assert straight["val_loss"] == pytest.approx(resumed["val_loss"], abs=1e-6)
-    wa, wb = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("straight", "resumed"))
+    wa, wb = (load_file(str(run / "model.safetensors")) for run in (two_workers, tmp_path / "resumed"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -125,25 +143,23 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_reproduces_the_straigh
     ],
     ids=["zero2", "zero3", "zero2-offload", "zero3-offload"],
 )
-def test_two_workers_under_zero_match_one_worker(inputs, tmp_path, ray_session, deepspeed):
-    train(inputs, tmp_path / "one", workers=1, steps=4, deepspeed={"zero_stage": 0})
+def test_two_workers_under_zero_match_one_worker(inputs, one_worker, tmp_path, ray_session, deepspeed):
     train(inputs, tmp_path / "two", workers=2, steps=4, deepspeed=deepspeed)
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    a, b = losses(one_worker), losses(tmp_path / "two")
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4  # same rows per step; reduction order differs
-    one, two = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "two"))
+    one, two = (load_file(str(run / "model.safetensors")) for run in (one_worker, tmp_path / "two"))
     assert one.keys() == two.keys()
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_as_the_eager_model_does(inputs, tmp_path, ray_session):
+def test_compiled_blocks_train_as_the_eager_model_does(inputs, two_workers, tmp_path, ray_session):
     """pretrain.compile=true on 2 workers under ZeRO-2: the same losses and weights as eager (Inductor's fused
     kernels round differently, nothing more), evaluation and samples (decoded eager) included, same weight names."""
-    train(inputs, tmp_path / "eager", workers=2)
     train(inputs, tmp_path / "compiled", workers=2, compile=True)
-    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    a, b = losses(two_workers), losses(tmp_path / "compiled")
     assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
-    eager, compiled = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("eager", "compiled"))
+    eager, compiled = (load_file(str(run / "model.safetensors")) for run in (two_workers, tmp_path / "compiled"))
     assert eager.keys() == compiled.keys()
     assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) < 1e-4
     log = [json.loads(line) for line in (tmp_path / "compiled" / "train_log.jsonl").read_text().splitlines()]
