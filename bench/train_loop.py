@@ -62,11 +62,14 @@ def ours(
     store: Path, shape: list[str], threads: int, steps: int, seed: int, device: str, extra: list[str]
 ) -> tuple[list[float], Path]:
     """Per-step seconds of the stage's own loop, and the artifact it committed."""
-    gpus = ["cluster.resources.pretrain.gpus_per_worker=1"] if device == "cuda" else []
-    overrides = [*shape, *extra, f"pretrain.steps={steps}", f"pretrain.eval_every={steps}", f"pretrain.sample_every={steps}",
-                 f"pretrain.checkpoint_every={steps}", f"pretrain.seed={seed}",
-                 "cluster.resources.pretrain.num_workers=1", f"cluster.resources.pretrain.threads_per_worker={threads}",
-                 *gpus]  # fmt: skip
+    schedule = {"steps": steps, "eval_every": steps, "sample_every": steps, "checkpoint_every": steps, "seed": seed}
+    placement = {"num_workers": 1, "threads_per_worker": threads, "gpus_per_worker": int(device == "cuda")}
+    overrides = [
+        *shape,
+        *extra,
+        *(f"pretrain.{key}={value}" for key, value in schedule.items()),
+        *(f"cluster.resources.pretrain.{key}={value}" for key, value in placement.items()),
+    ]
     gptline_run(store, overrides)
     artifact = max(Store(str(store)).list("pretrain"), key=lambda a: a.manifest["timings"]["end"])
     records = [json.loads(line) for line in (Path(artifact.path) / "train_log.jsonl").read_text().splitlines()]
@@ -166,14 +169,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per loop and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="overrides for ours, such as pretrain.compile=true (the bare loop then compiles too)")  # fmt: skip
+    set_help = "overrides for ours, such as pretrain.compile=true (the bare loop then compiles too)"
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=set_help)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.train_loop: --device cuda needs a CUDA GPU, and none is visible here")
-    print(f"machine: {machine(args.device)}; torch {torch.__version__}; {args.steps} steps per loop, "
-          f"{args.rounds} rounds; ours with {args.set or 'the defaults'}; median step times, ratios = medians of "
-          "each round's own ratios", flush=True)  # fmt: skip
+    run = f"{args.steps} steps per loop, {args.rounds} rounds; ours with {args.set or 'the defaults'}"
+    method = "median step times, ratios = medians of each round's own ratios"
+    print(f"machine: {machine(args.device)}; torch {torch.__version__}; {run}; {method}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         seed = 1000  # a new one for every build, so pretrain builds again on the same committed data

@@ -116,6 +116,9 @@ def _default_resources(specs: list[StageSpec]) -> dict[str, StageResources]:
     return {spec.name: dataclasses.replace(spec.resources) for spec in specs}
 
 
+_SCHEMAS: dict[tuple, type] = {}  # build_schema's classes, by what each depends on
+
+
 def build_schema(specs: list[StageSpec]) -> type:
     """The root structured config: pipeline groups plus each stage's config class under its key.
 
@@ -127,9 +130,6 @@ def build_schema(specs: list[StageSpec]) -> type:
     if cache_key not in _SCHEMAS:
         _SCHEMAS[cache_key] = _new_schema(specs, choices)
     return _SCHEMAS[cache_key]
-
-
-_SCHEMAS: dict[tuple, type] = {}
 
 
 def _new_schema(specs: list[StageSpec], choices: list[StageChoice]) -> type:

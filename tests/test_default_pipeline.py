@@ -18,8 +18,17 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, default
     from gptline.cli.main import main
 
     store = default_data  # fetch..tokenize built by the fixture with the same defaults; this run reuses them
-    short = ["pretrain.steps=30", "pretrain.eval_every=15", "sft.steps=20", "sft.eval_every=10", "rm.steps=20",
-             "rm.eval_every=10", "ppo.iterations=3", "evaluate.verifiable.tasks=50"]  # fmt: skip
+    shorter = {
+        "pretrain.steps": 30,
+        "pretrain.eval_every": 15,
+        "sft.steps": 20,
+        "sft.eval_every": 10,
+        "rm.steps": 20,
+        "rm.eval_every": 10,
+        "ppo.iterations": 3,
+        "evaluate.verifiable.tasks": 50,
+    }
+    short = [f"{key}={value}" for key, value in shorter.items()]
     assert main(["run", f"store.root={store}", "tracking=disabled", *short]) == 0
     out = capsys.readouterr().out
     assert "crawl_mix" in out and "done" in out
