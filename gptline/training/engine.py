@@ -10,6 +10,7 @@ fifth of a small model's update for nothing).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -143,8 +144,15 @@ def measured_peak_flops(threads: int | None = None, size: int = 1024, repeats: i
     """fp32 matmul throughput (FLOP/s) with `threads` threads (default: the current setting), best of several runs:
     the CPU's practical peak. Measure it where nothing else competes for the cores (the stage measures in the
     driver, before its workers start), or a busy moment passes for the peak and MFU reads high."""
+    return _peak_flops(threads or torch.get_num_threads(), size, repeats)
+
+
+@functools.cache
+def _peak_flops(threads: int, size: int, repeats: int) -> float:
+    """Measured once a process for each setting: the peak is the machine's, and measuring again could only catch a
+    busier moment."""
     saved = torch.get_num_threads()
-    torch.set_num_threads(threads or saved)
+    torch.set_num_threads(threads)
     try:
         a, b = torch.randn(size, size), torch.randn(size, size)
         torch.mm(a, b)
