@@ -1,6 +1,6 @@
 """Benchmark crawl-mix: documents/s and MB/s per phase, and the speed-up of 2 Ray workers over 1, side by side.
 
-    python -m bench.crawl_mix [--store store] [--repeats 3]
+    python -m bench.crawl_mix [--store store] [--repeats 3] [--warmup 1]
 
 Input: the default corpus (the `fetch` stage's artifact in the store; built first with `gptline run --until fetch`
 when absent). Both configurations run the real stage function on the same input, alternating, each with its
@@ -61,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", default="store")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (imports, Ray's workers)")
     args = parser.parse_args()
 
     fetch = fetch_artifact(Path(args.store).resolve())
@@ -68,7 +69,8 @@ def main() -> None:
     cfg = typed(CrawlMixConfig, config["data"])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     results: dict[int, list[dict]] = {1: [], 2: []}
-    one_run(cfg, fetch, 2)  # warm-up: imports and Ray workers
+    for _ in range(args.warmup):
+        one_run(cfg, fetch, 2)
     for _ in range(args.repeats):
         for workers in (1, 2):
             results[workers].append(one_run(cfg, fetch, workers))
@@ -79,7 +81,10 @@ def main() -> None:
 
     first = results[1][0]
     mb, docs, kept = first["mb_in"], first["docs"], first["kept"]
-    print(f"input: {docs} records, {mb:.1f} MB of extracted text, {kept} kept after filters; {args.repeats} repeats")
+    print(
+        f"input: {docs} records, {mb:.1f} MB of extracted text, {kept} kept after filters; {args.repeats} repeats "
+        f"after {args.warmup} warm-up runs"
+    )
     print("\nper-phase throughput in one process (CPU time summed over tasks, 1 worker, median):")
     for phase, key, count in (
         ("extract", "cpu_extract_s", docs),

@@ -27,6 +27,8 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, default
         "rm.eval_every": 10,
         "ppo.iterations": 3,
         "evaluate.verifiable.tasks": 50,
+        "evaluate.num_prompts": 24,
+        "evaluate.perplexity_tokens": 16384,
     }
     short = [f"{key}={value}" for key, value in shorter.items()]
     assert main(["run", f"store.root={store}", "tracking=disabled", *short]) == 0
@@ -132,7 +134,7 @@ def test_default_pipeline_builds_the_corpus_from_registry_data(tmp_path, default
     # a 2-point sweep over a PPO knob, points at once: pretrain, sft and rm are reused by every point, ppo built 2x.
     capsys.readouterr()
     sweep = ["-m", "ppo.kl.coef=0.02,0.5", "--parallel", "2", "--until", "ppo"]
-    assert main(["run", f"store.root={store}", "tracking=disabled", *short, "ppo.iterations=2", *sweep]) == 0
+    assert main(["run", f"store.root={store}", "tracking=disabled", *short, "ppo.iterations=1", *sweep]) == 0
     out = capsys.readouterr().out
     [shared] = [line for line in out.splitlines() if line.startswith("shared by every point:")]
     assert all(f"{stage}/" in shared for stage in ("pretrain", "sft", "rm"))
