@@ -109,13 +109,14 @@ def test_generated_arithmetic_splits_share_no_problem():
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------
-MAX_OPERAND, OPERATIONS, TRAIN, HELD_OUT = 14, "+", 180, 45
+MAX_OPERAND, OPERATIONS, TRAIN, HELD_OUT = 30, "+", 600, 200
 SFT_MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 48, "multiple_of": 32}
 
 
 def build_arithmetic_sft(tmp: Path, sft_steps: int) -> dict[str, Path]:
-    """A character tokenizer, a small 'sft' model trained briefly on the train split (it has learnt the format and
-    some of the sums), and the split's task files where fetch writes them."""
+    """A character tokenizer, a small 'sft' model trained on the train split (after 1,000 steps it has learnt the format
+    and part of two-digit addition: it answers more than half of the held-out sums), and the split's task files where
+    fetch writes them."""
     tmp.mkdir(parents=True, exist_ok=True)
     train, held_out = arithmetic_tasks(TRAIN, HELD_OUT, MAX_OPERAND, OPERATIONS, seed=0)
     (tmp / "fetch" / "arithmetic").mkdir(parents=True)
@@ -161,8 +162,8 @@ RUN = {"iterations": 12, "rollout_batch": 8, "group_size": 8, "minibatch": 32, "
        "optim": {"lr": 2e-3}}  # fmt: skip
 
 
-# 64 iterations of 64 answers, two updates each, at a learning rate that moves the policy steadily
-LEARN = {"iterations": 64, "eval_every": 64, "checkpoint_every": 64, "optim": {"lr": 1e-4}}
+# 300 iterations of 64 answers, two updates each: four passes over the 600 training prompts
+LEARN = {"iterations": 300, "eval_every": 300, "checkpoint_every": 300, "optim": {"lr": 1e-4}}
 
 
 def run_grpo(inputs, out: Path, workers: int = 2, **overrides) -> dict:
@@ -179,7 +180,7 @@ def curve(out: Path, key: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def arithmetic(tmp_path_factory) -> dict[str, Path]:
-    return build_arithmetic_sft(tmp_path_factory.mktemp("grpo-inputs"), sft_steps=300)
+    return build_arithmetic_sft(tmp_path_factory.mktemp("grpo-inputs"), sft_steps=1000)
 
 
 @pytest.fixture(scope="module")
@@ -206,18 +207,24 @@ def test_bad_input_fails_before_training(untrained, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_accuracy_on_the_trained_prompts_rises_with_the_kl_bounded(arithmetic, tmp_path, ray_session, seed):
-    """Greedy accuracy on the prompts grpo trains on rises clearly above sft's. Held-out accuracy is printed, not
-    checked: at this scale sft memorizes its sums and neither it nor grpo generalizes addition to unseen ones."""
+def test_held_out_accuracy_rises_clearly_above_sfts_with_the_kl_bounded(arithmetic, tmp_path, ray_session, seed):
+    """Greedy accuracy on the held-out sums, which grpo never trains on, rises by at least 0.1 over sft's: the
+    exact-answer reward sharpens the addition sft half learnt, not memorized answers. One worker: at this size a
+    second only adds a process and an all-reduce."""
     before = {split: accuracy(arithmetic["sft"], arithmetic, split) for split in ("train", "held_out")}
-    final = run_grpo(arithmetic, tmp_path / "grpo", seed=seed, **LEARN)
+    final = run_grpo(arithmetic, tmp_path / "grpo", workers=1, seed=seed, **LEARN)
     after = {split: accuracy(tmp_path / "grpo", arithmetic, split) for split in ("train", "held_out")}
+    # Nats per answer of at most 4 tokens. Each iteration's figure is an estimate over its 64 sampled answers, and a
+    # single iteration can read a few nats; the drift shows in the last fifth's mean and in the 95th percentile.
     kls = curve(tmp_path / "grpo", "kl")
-    print(f"seed {seed}: train accuracy {before['train']:.3f} -> {after['train']:.3f}, held-out "
-          f"{before['held_out']:.3f} -> {after['held_out']:.3f}; kl {[round(k, 2) for k in kls]}")  # fmt: skip
+    last_fifth = float(np.mean(kls[-len(kls) // 5 :]))
+    p95 = float(np.percentile(kls, 95))
+    print(f"seed {seed}: held-out accuracy {before['held_out']:.3f} -> {after['held_out']:.3f}, trained prompts "
+          f"{before['train']:.3f} -> {after['train']:.3f}; kl: last fifth's mean {last_fifth:.2f}, 95th "
+          f"percentile {p95:.2f}, max {max(kls):.2f}")  # fmt: skip
     assert after["held_out"] == pytest.approx(final["val_reward"])  # the stage measures what this test does
-    assert after["train"] >= before["train"] + 0.1
-    assert max(kls) < 2.0  # nats per answer of at most 4 tokens
+    assert after["held_out"] >= before["held_out"] + 0.1
+    assert last_fifth < 0.5 and p95 < 1.0
 
 
 @pytest.mark.slow
