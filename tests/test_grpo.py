@@ -162,8 +162,9 @@ RUN = {"iterations": 12, "rollout_batch": 8, "group_size": 8, "minibatch": 32, "
        "optim": {"lr": 2e-3}}  # fmt: skip
 
 
-# 300 iterations of 64 answers, two updates each: four passes over the 600 training prompts
-LEARN = {"iterations": 300, "eval_every": 300, "checkpoint_every": 300, "optim": {"lr": 1e-4}}
+# 300 iterations of 64 answers, two updates each: four passes over the 600 training prompts; a KL coefficient of 0.1
+# keeps every iteration's estimate of the KL under 2 nats (at 0.02 a single iteration read 2.6)
+LEARN = {"iterations": 300, "eval_every": 300, "checkpoint_every": 300, "kl": {"coef": 0.1}, "optim": {"lr": 1e-4}}
 
 
 def run_grpo(inputs, out: Path, workers: int = 2, **overrides) -> dict:
@@ -214,17 +215,18 @@ def test_held_out_accuracy_rises_clearly_above_sfts_with_the_kl_bounded(arithmet
     before = {split: accuracy(arithmetic["sft"], arithmetic, split) for split in ("train", "held_out")}
     final = run_grpo(arithmetic, tmp_path / "grpo", workers=1, seed=seed, **LEARN)
     after = {split: accuracy(tmp_path / "grpo", arithmetic, split) for split in ("train", "held_out")}
-    # Nats per answer of at most 4 tokens. Each iteration's figure is an estimate over its 64 sampled answers, and a
-    # single iteration can read a few nats; the drift shows in the last fifth's mean and in the 95th percentile.
+    # Nats per answer of at most 4 tokens: each iteration's figure is an estimate over its 64 sampled answers, so
+    # beside the largest the drift shows in the last fifth's mean and in the 95th percentile.
     kls = curve(tmp_path / "grpo", "kl")
     last_fifth = float(np.mean(kls[-len(kls) // 5 :]))
     p95 = float(np.percentile(kls, 95))
-    print(f"seed {seed}: held-out accuracy {before['held_out']:.3f} -> {after['held_out']:.3f}, trained prompts "
-          f"{before['train']:.3f} -> {after['train']:.3f}; kl: last fifth's mean {last_fifth:.2f}, 95th "
-          f"percentile {p95:.2f}, max {max(kls):.2f}")  # fmt: skip
+    accuracies = f"held-out accuracy {before['held_out']:.3f} -> {after['held_out']:.3f}"
+    trained = f"trained prompts {before['train']:.3f} -> {after['train']:.3f}"
+    drift = f"kl: last fifth's mean {last_fifth:.2f}, 95th percentile {p95:.2f}, max {max(kls):.2f}"
+    print(f"seed {seed}: {accuracies}, {trained}; {drift}")
     assert after["held_out"] == pytest.approx(final["val_reward"])  # the stage measures what this test does
     assert after["held_out"] >= before["held_out"] + 0.1
-    assert last_fifth < 0.5 and p95 < 1.0
+    assert max(kls) < 2.0 and last_fifth < 0.5 and p95 < 1.0
 
 
 @pytest.mark.slow
