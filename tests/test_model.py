@@ -143,3 +143,24 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     for (name, a), (_, b) in zip(plain.named_parameters(), wrapped.named_parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_bf16_parameters_beside_fp32_rotary_tables_run_every_path_in_bf16():
+    """DeepSpeed's bf16 engine (`precision: bf16`, and `auto` on a GPU) casts the parameters only and keeps fp32
+    buffers, the rotary tables among them: training, packed rows and cached decoding all run, in bf16, close to
+    fp32."""
+    model = tiny()
+    tokens = torch.randint(0, 101, (2, 33), generator=torch.Generator().manual_seed(3))
+    segments = torch.tensor([[0] * 12 + [1] * 20, [0] * 32])
+    _, fp32_loss = model(tokens[:, :-1], tokens[:, 1:])
+    _, fp32_packed = model(tokens[:, :-1], tokens[:, 1:], segments=segments)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    assert model.rope_cos.dtype == torch.float32
+    logits, bf16_loss = model(tokens[:, :-1], tokens[:, 1:])
+    _, bf16_packed = model(tokens[:, :-1], tokens[:, 1:], segments=segments)
+    assert logits.dtype == torch.bfloat16
+    assert float(bf16_loss) == pytest.approx(float(fp32_loss), rel=2e-2)
+    assert float(bf16_packed) == pytest.approx(float(fp32_packed), rel=2e-2)
+    answers = generate(model, [[5, 6, 7], [8, 9]], SamplingConfig(max_new_tokens=6, temperature=0.0), [], pad_id=0)
+    assert [len(a) for a in answers] == [6, 6]

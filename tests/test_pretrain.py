@@ -153,6 +153,20 @@ def test_two_workers_under_zero_match_one_worker(inputs, one_worker, tmp_path, r
 
 
 @pytest.mark.slow
+def test_bf16_precision_trains_as_fp32_does(inputs, one_worker, tmp_path, ray_session):
+    """deepspeed.precision=bf16 (what `auto` picks on a GPU) on one CPU worker: DeepSpeed's bf16 engine keeps the
+    rotary tables in fp32 beside bf16 weights. The same 4 steps as fp32 within bf16's rounding, the held-out loss
+    and samples (decoded in bf16) at the end, and fp32 weights in the artifact."""
+    out = tmp_path / "bf16"
+    final = train(inputs, out, workers=1, steps=4, deepspeed={"zero_stage": 0, "precision": "bf16"})
+    fp32, bf16 = losses(one_worker), losses(out)
+    assert len(bf16) == 4 and max(abs(b - a) / a for a, b in zip(fp32, bf16, strict=True)) < 2e-2
+    last = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(final["val_loss"]) and last["samples"]
+    assert all(w.dtype == torch.float32 for w in load_file(str(out / "model.safetensors")).values())
+
+
+@pytest.mark.slow
 def test_compiled_blocks_train_as_the_eager_model_does(inputs, two_workers, tmp_path, ray_session):
     """pretrain.compile=true on 2 workers under ZeRO-2: the same losses and weights as eager (Inductor's fused
     kernels round differently, nothing more), evaluation and samples (decoded eager) included, same weight names."""
