@@ -20,6 +20,10 @@ both on tinyshakespeare from ../shared/data. Thread counts: 1 and every core.
     python -m bench.train_loop [--shapes shakespeare_char tiny] [--threads 1 2] [--steps 40] [--rounds 3]
     python -m bench.train_loop --device cuda   # on a GPU machine: one worker on one GPU, bf16
     python -m bench.train_loop --set pretrain.compile=true   # ours with compiled blocks (and the bare loop too)
+    python -m bench.train_loop --set pretrain.deepspeed.precision=bf16   # all three in bf16 (a CPU with AMX)
+
+Precision follows ours: where the stage trains in bf16 (its `deepspeed.precision`, `auto` on a GPU), the bare loop
+runs under bf16 autocast and the Trainer with `bf16=True`.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ from pathlib import Path
 import torch
 
 from gptline.model.gpt import GPT, ModelConfig
-from gptline.training.config import OptimConfig
-from gptline.training.engine import compile_blocks, lr_at, param_groups, set_lr
+from gptline.training.config import DeepSpeedConfig, OptimConfig
+from gptline.training.engine import compile_blocks, lr_at, param_groups, set_lr, use_bf16
 from gptline.training.loaders import PackedLoader, TokenStream
 from pipeline.artifacts import Store
+from pipeline.config import typed
 
 SHAPES = {
     "shakespeare_char": ["+experiment=shakespeare_char"],
@@ -89,6 +94,11 @@ def training_setup(store: Path, artifact: Path) -> tuple[ModelConfig, dict, Pack
     return model_cfg, cfg, loader
 
 
+def trained_in_bf16(cfg: dict) -> bool:
+    """Whether the stage trained in bf16 (its precision resolved on this machine, as the worker resolved it)."""
+    return use_bf16(typed(DeepSpeedConfig, cfg["deepspeed"]))
+
+
 def bare(store: Path, artifact: Path, threads: int, steps: int, device: str) -> list[float]:
     """Per-step seconds of the few-line loop: same model, rows, optimizer and schedule."""
     model_cfg, cfg, loader = training_setup(store, artifact)
@@ -105,7 +115,7 @@ def bare(store: Path, artifact: Path, threads: int, steps: int, device: str) -> 
         started = time.perf_counter()
         set_lr(optimizer, lr_at(step, steps, optim))
         inputs, targets = (torch.from_numpy(a).to(device) for a in next(loader))
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=trained_in_bf16(cfg)):
             loss = model(inputs, targets)[1]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
@@ -147,7 +157,7 @@ def trainer(store: Path, artifact: Path, threads: int, steps: int, device: str) 
             adam_epsilon=optim.eps, max_grad_norm=optim.grad_clip, optim="adamw_torch_fused",
             lr_scheduler_type="cosine", warmup_steps=optim.warmup_steps, logging_strategy="no", save_strategy="no",
             eval_strategy="no", report_to=[], dataloader_num_workers=0, remove_unused_columns=False,
-            use_cpu=device == "cpu", bf16=device == "cuda", disable_tqdm=True, seed=cfg["seed"],
+            use_cpu=device == "cpu", bf16=trained_in_bf16(cfg), disable_tqdm=True, seed=cfg["seed"],
         )  # fmt: skip
         InOrder(model=model, args=args, train_dataset=rows, callbacks=[StepEnds()]).train()
     return [b - a for a, b in pairwise(ends)][WARMUP_STEPS:]

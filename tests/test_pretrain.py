@@ -153,17 +153,26 @@ def test_two_workers_under_zero_match_one_worker(inputs, one_worker, tmp_path, r
 
 
 @pytest.mark.slow
-def test_bf16_precision_trains_as_fp32_does(inputs, one_worker, tmp_path, ray_session):
-    """deepspeed.precision=bf16 (what `auto` picks on a GPU) on one CPU worker: DeepSpeed's bf16 engine keeps the
+@pytest.mark.parametrize("workers,zero_stage", [(1, 0), (2, 2)], ids=["one-worker", "zero2"])
+def test_bf16_precision_trains_as_fp32_does_and_exports_the_fp32_masters(
+    inputs, one_worker, tmp_path, ray_session, workers, zero_stage
+):
+    """deepspeed.precision=bf16 (what `auto` picks on a GPU) on CPU workers: DeepSpeed's bf16 engine keeps the
     rotary tables in fp32 beside bf16 weights. The same 4 steps as fp32 within bf16's rounding, the held-out loss
-    and samples (decoded in bf16) at the end, and fp32 weights in the artifact."""
+    and samples (decoded in bf16) at the end. The artifact holds the optimizer's fp32 master weights (gathered from
+    every partition under ZeRO-2), not the bf16 copy the steps computed with: many of its values have more bits
+    than bf16 keeps."""
     out = tmp_path / "bf16"
-    final = train(inputs, out, workers=1, steps=4, deepspeed={"zero_stage": 0, "precision": "bf16"})
+    final = train(inputs, out, workers, steps=4, deepspeed={"zero_stage": zero_stage, "precision": "bf16"})
     fp32, bf16 = losses(one_worker), losses(out)
     assert len(bf16) == 4 and max(abs(b - a) / a for a, b in zip(fp32, bf16, strict=True)) < 2e-2
     last = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(final["val_loss"]) and last["samples"]
-    assert all(w.dtype == torch.float32 for w in load_file(str(out / "model.safetensors")).values())
+    masters, reference = (load_file(str(run / "model.safetensors")) for run in (out, one_worker))
+    assert all(w.dtype == torch.float32 for w in masters.values())
+    beyond_bf16 = [float((w != w.bfloat16().float()).float().mean()) for w in masters.values()]
+    assert min(beyond_bf16) > 0.5
+    assert max((masters[k] - reference[k]).abs().max().item() for k in masters) < 2e-2
 
 
 @pytest.mark.slow

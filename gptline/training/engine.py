@@ -95,6 +95,30 @@ def init_deepspeed(model: GPT, optim: OptimConfig, ds: DeepSpeedConfig, micro_ba
     return engine, optimizer
 
 
+def fp32_weights(engine, rank: int) -> dict[str, torch.Tensor] | None:
+    """The engine's weights in fp32 on the CPU by state-dict name, on rank 0 (None elsewhere); below ZeRO-3, and
+    called on every rank (ZeRO-1/2 gather each parameter's partitions). A bf16 engine steps an fp32 master copy of
+    each trained parameter in its optimizer and computes with a bf16 copy rounded from it: the masters are the
+    weights."""
+    masters: dict[int, torch.Tensor] = {}
+    if engine.bfloat16_enabled():
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        optimizer = engine.optimizer
+        if hasattr(optimizer, "fp32_groups"):  # stage 0: DeepSpeed's unfused wrapper, groups in parallel
+            for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
+                masters.update((id(p), master) for p, master in zip(low, high, strict=True))
+        else:  # ZeRO-1/2: one collective per parameter, so only one full copy at a time exists off rank 0
+            for p in engine.module.parameters():
+                master = safe_get_full_fp32_param(p) if p.requires_grad else None
+                if rank == 0 and master is not None:
+                    masters[id(p)] = master.cpu()
+    if rank != 0:
+        return None
+    state = engine.module.state_dict(keep_vars=True)
+    return {name: masters.get(id(tensor), tensor).detach().float().cpu() for name, tensor in state.items()}
+
+
 def compile_blocks(model: torch.nn.Module) -> None:
     """`torch.compile` every transformer block in place (torchtitan's per-block compile): Inductor fuses the norms,
     rotary embedding, SwiGLU gate and residual adds around the matmuls, which on CPU and for small models are a

@@ -22,7 +22,7 @@ import torch
 from gptline.training.checkpoints import Checkpoints
 from gptline.training.collectives import barrier, world
 from gptline.training.config import DeepSpeedConfig, OptimConfig
-from gptline.training.engine import effective_zero_stage, init_deepspeed
+from gptline.training.engine import effective_zero_stage, fp32_weights, init_deepspeed
 from gptline.training.fit import Loop, Schedule, Task, fit
 from gptline.training.log import STOPPED, TrainLog
 from pipeline.faults import fault_point
@@ -113,11 +113,11 @@ def consolidated_state(engine, zero_stage: int, checkpoints: Checkpoints, name: 
     """fp32 weights gathered from every ZeRO partition (under ZeRO-3 from the newest checkpoint, every rank's
     files of it fetched first), on rank 0 (None elsewhere); call on every rank."""
     barrier()
+    if zero_stage < 3:
+        return fp32_weights(engine, rank)
     if rank != 0:
         return None
-    if zero_stage == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        tag = checkpoints.download_all(name)
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.directory / name), tag=tag)
-    return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+    tag = checkpoints.download_all(name)
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.directory / name), tag=tag)
