@@ -45,7 +45,7 @@ class DeepSpeedConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU
     offload_params: bool = False  # ZeRO-Infinity-style parameter offload (stage 3 only)
-    precision: str = "auto"  # auto: bf16 on a GPU that has it, fp32 otherwise; or bf16 / fp32
+    precision: str = "auto"  # auto: bf16 on a GPU that has it, fp32 otherwise; or bf16 (a CPU too) / fp32
 
     def validate(self) -> list[tuple[str, str]]:
         if self.zero_stage not in (0, 1, 2, 3):
