@@ -110,12 +110,13 @@ def bare(store: Path, artifact: Path, threads: int, steps: int, device: str) -> 
     optim = OptimConfig(**cfg["optim"])
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, fused=True,
                                   betas=(optim.beta1, optim.beta2), eps=optim.eps)  # fmt: skip
+    bf16 = trained_in_bf16(cfg)
     times = []
     for step in range(steps - 1):
         started = time.perf_counter()
         set_lr(optimizer, lr_at(step, steps, optim))
         inputs, targets = (torch.from_numpy(a).to(device) for a in next(loader))
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=trained_in_bf16(cfg)):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = model(inputs, targets)[1]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)

@@ -104,8 +104,13 @@ def test_sft_unversioned_fields_leave_the_artifact_unchanged(chat_data, tmp_path
     assert_identical_artifacts(tmp_path / "a", tmp_path / "b")
 
 
-def test_sft_with_lora_changes_only_the_adapted_layers_and_exports_plain_weights(chat_data, tmp_path, ray_session):
-    run_sft(chat_data, tmp_path / "lora", workers=1, steps=4, lora={"rank": 4, "target_modules": ["q_proj", "v_proj"]})
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
+def test_sft_with_lora_changes_only_the_adapted_layers_and_exports_plain_weights(
+    chat_data, tmp_path, ray_session, precision
+):
+    """In bf16 too: the frozen base weights come from the base artifact, not from the engine's bf16 copy of them."""
+    lora = {"rank": 4, "target_modules": ["q_proj", "v_proj"]}
+    run_sft(chat_data, tmp_path / "lora", workers=1, steps=4, lora=lora, deepspeed={"precision": precision})
     base, tuned = (load_file(str(p / "model.safetensors")) for p in (chat_data["pretrain"], tmp_path / "lora"))
     assert base.keys() == tuned.keys()
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}

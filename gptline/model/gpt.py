@@ -90,10 +90,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x: (B, H, T, D); cos/sin: (B, 1, T, D) for each token's position."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    # The tables stay fp32 (DeepSpeed's bf16 engine casts parameters, not buffers); in x's dtype the rotated q and k
-    # keep v's, which attention requires.
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotated * sin
+    # The tables stay fp32 (DeepSpeed's bf16 engine casts parameters, not buffers): the rotation computes with them
+    # and rounds once to x's dtype, so q and k keep v's dtype, which attention requires.
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
 class KVCache:

@@ -3,9 +3,9 @@ compile and activation checkpointing, safe checkpoint loading, and FLOP accounti
 
 Distribution is applied here and only here (the model file knows nothing of it): the process group comes from the
 stage's worker group (gloo on CPU, nccl on GPU), DeepSpeed wraps the model with ZeRO stage 0-3 (optionally
-offloading to CPU), bf16 where the hardware has it and fp32 otherwise. A group of one worker has nothing to
-partition: `effective_zero_stage` then trains at stage 0 (ZeRO-2's flat buffers and partitioned step cost about a
-fifth of a small model's update for nothing).
+offloading to CPU), in bf16 (by default on a GPU that has it; on a CPU when asked) or fp32. A group of one worker
+has nothing to partition: `effective_zero_stage` then trains at stage 0 (ZeRO-2's flat buffers and partitioned
+step cost about a fifth of a small model's update for nothing).
 """
 
 from __future__ import annotations
@@ -99,23 +99,34 @@ def fp32_weights(engine, rank: int) -> dict[str, torch.Tensor] | None:
     """The engine's weights in fp32 on the CPU by state-dict name, on rank 0 (None elsewhere); below ZeRO-3, and
     called on every rank (ZeRO-1/2 gather each parameter's partitions). A bf16 engine steps an fp32 master copy of
     each trained parameter in its optimizer and computes with a bf16 copy rounded from it: the masters are the
-    weights."""
-    masters: dict[int, torch.Tensor] = {}
-    if engine.bfloat16_enabled():
-        from deepspeed.utils import safe_get_full_fp32_param
+    weights. A frozen parameter has no master: its bf16 copy is all the engine holds."""
+    if not engine.bfloat16_enabled():
+        return _cpu_state(engine.module, {}) if rank == 0 else None
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils import safe_get_full_fp32_param
 
-        optimizer = engine.optimizer
-        if hasattr(optimizer, "fp32_groups"):  # stage 0: DeepSpeed's unfused wrapper, groups in parallel
-            for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
-                masters.update((id(p), master) for p, master in zip(low, high, strict=True))
-        else:  # ZeRO-1/2: one collective per parameter, so only one full copy at a time exists off rank 0
-            for p in engine.module.parameters():
-                master = safe_get_full_fp32_param(p) if p.requires_grad else None
-                if rank == 0 and master is not None:
-                    masters[id(p)] = master.cpu()
-    if rank != 0:
-        return None
-    state = engine.module.state_dict(keep_vars=True)
+    optimizer = engine.optimizer
+    masters: dict[int, torch.Tensor] = {}
+    if isinstance(optimizer, FP16_UnfusedOptimizer):  # stage 0: no partitions, the two groups in parallel
+        if rank != 0:
+            return None
+        for bf16_params, fp32_params in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
+            masters.update((id(p), master) for p, master in zip(bf16_params, fp32_params, strict=True))
+        return _cpu_state(engine.module, masters)
+    for name, p in engine.module.named_parameters():  # ZeRO-1/2: one collective a parameter, one full copy at a time
+        if not p.requires_grad:
+            continue
+        master = safe_get_full_fp32_param(p)
+        if master is None:  # the same on every rank: none is left waiting in a collective
+            raise RuntimeError(f"{type(optimizer).__name__} keeps no fp32 master of {name} that DeepSpeed can gather")
+        if rank == 0:
+            masters[id(p)] = master.cpu()
+    return _cpu_state(engine.module, masters) if rank == 0 else None
+
+
+def _cpu_state(module: torch.nn.Module, masters: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The module's state dict in fp32 on the CPU, each parameter replaced by its master where it has one."""
+    state = module.state_dict(keep_vars=True)
     return {name: masters.get(id(tensor), tensor).detach().float().cpu() for name, tensor in state.items()}
 
 
