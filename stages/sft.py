@@ -173,10 +173,10 @@ class SFTRecipe:
     def export(self, weights: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> None:
         final = build_model(Path(self.base), self.cfg.lora)
         # LoRA's frozen base weights come from the base artifact itself: a bf16 engine holds them rounded to bf16.
-        frozen = [name for name, p in final.named_parameters(remove_duplicate=False) if not p.requires_grad]
+        frozen = {name for name, p in final.named_parameters(remove_duplicate=False) if not p.requires_grad}
         trained = {name: weight for name, weight in weights["model"].items() if name not in frozen}
         missing, unexpected = final.load_state_dict(trained, strict=False)
-        assert sorted(missing) == sorted(frozen) and not unexpected, (missing, unexpected)
+        assert set(missing) == frozen and not unexpected, (missing, unexpected)
         merge_lora(final)
         export(final, out_dir, Path(self.tokenizer), ChatTemplate(Path(self.tokenizer)).ids)
 

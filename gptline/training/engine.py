@@ -100,19 +100,23 @@ def fp32_weights(engine, rank: int) -> dict[str, torch.Tensor] | None:
     called on every rank (ZeRO-1/2 gather each parameter's partitions). A bf16 engine steps an fp32 master copy of
     each trained parameter in its optimizer and computes with a bf16 copy rounded from it: the masters are the
     weights. A frozen parameter has no master: its bf16 copy is all the engine holds."""
-    if not engine.bfloat16_enabled():
-        return _cpu_state(engine.module, {}) if rank == 0 else None
+    masters = _fp32_masters(engine, rank) if engine.bfloat16_enabled() else {}
+    if rank != 0:
+        return None
+    state = engine.module.state_dict(keep_vars=True)
+    return {name: masters.get(id(tensor), tensor).detach().float().cpu() for name, tensor in state.items()}
+
+
+def _fp32_masters(engine, rank: int) -> dict[int, torch.Tensor]:
+    """A bf16 engine's fp32 master of each trained parameter, by the parameter's id (complete on rank 0 only)."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.utils import safe_get_full_fp32_param
 
     optimizer = engine.optimizer
-    masters: dict[int, torch.Tensor] = {}
     if isinstance(optimizer, FP16_UnfusedOptimizer):  # stage 0: no partitions, the two groups in parallel
-        if rank != 0:
-            return None
-        for bf16_params, fp32_params in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
-            masters.update((id(p), master) for p, master in zip(bf16_params, fp32_params, strict=True))
-        return _cpu_state(engine.module, masters)
+        groups = zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True)
+        return {id(p): master for low, high in groups for p, master in zip(low, high, strict=True)}
+    masters = {}
     for name, p in engine.module.named_parameters():  # ZeRO-1/2: one collective a parameter, one full copy at a time
         if not p.requires_grad:
             continue
@@ -121,13 +125,7 @@ def fp32_weights(engine, rank: int) -> dict[str, torch.Tensor] | None:
             raise RuntimeError(f"{type(optimizer).__name__} keeps no fp32 master of {name} that DeepSpeed can gather")
         if rank == 0:
             masters[id(p)] = master.cpu()
-    return _cpu_state(engine.module, masters) if rank == 0 else None
-
-
-def _cpu_state(module: torch.nn.Module, masters: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The module's state dict in fp32 on the CPU, each parameter replaced by its master where it has one."""
-    state = module.state_dict(keep_vars=True)
-    return {name: masters.get(id(tensor), tensor).detach().float().cpu() for name, tensor in state.items()}
+    return masters
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
